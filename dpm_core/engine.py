@@ -1,0 +1,714 @@
+"""The decay engine: per-channel DPM state and the optimizer hooks that drive it.
+
+A *group* is a set of M parallel channels (one layer's filters, say). Channel ``c`` is
+the concatenation of its slices over every tensor listed for the group: a slice is
+``(param, dim)`` (channel ``c`` owns ``param.select(dim, c)``) or ``(param, dim, index)``
+with ``index`` a LongTensor ``[M, k]`` (channel ``c`` owns positions ``index[c]`` along
+``dim``; e.g. the H*W input columns of a Linear after a Flatten).
+
+Exact step semantics
+--------------------
+``mark(name, channels)`` (Algorithm 1) records ``L_init = ||x||`` and ``n_step = 0`` for
+each live channel and makes it *decaying*. A channel that is already decaying or zeroed
+is left alone; a channel whose norm is already 0 becomes *zeroed* at once.
+
+Let ``x`` be a decaying channel's vector right before ``optimizer.step()`` (read by the
+step pre-hook), ``x~`` the vector the optimizer produced (read by the post-hook), ``g``
+its gradient as the optimizer saw it (``.grad`` at the pre-hook), ``N = steps``,
+``L_s = L_init / N`` and ``n`` its step counter. After each optimizer step, for every
+decaying channel (Algorithm 2):
+
+1. If ``self_rectify``: ``C_rate = (||x~|| - ||x||) / ||x~ - x||`` (Eq. 4; 0 when the
+   denominator is 0) and ``C_len = ||g_c|| / mean_j ||g_j||`` over all M channels of the
+   group (Eq. 5; 0 when the mean is 0). If ``C_rate > t_rate and C_len > t_len``
+   (Eq. 6) the channel is *released*: it stops decaying, ``n = 0``, it keeps ``x~`` and
+   trains normally again.
+2. Otherwise ``n = n + 1`` and ``L_target = (N - n) * L_s`` (Eq. 2, 3). If
+   ``||x~|| > L_target`` the channel becomes ``x~ * L_target / ||x~||`` (Eq. 1,
+   direction kept). If ``||x~|| <= L_target`` it keeps ``x~`` and ``n`` is recalibrated
+   to ``N - ceil(||x~|| / L_s)`` so the next target lies below its norm (section 3.1).
+3. When ``n`` reaches ``N`` the channel is set to exactly 0 and becomes *zeroed*. From
+   then on it is written back to exactly 0 after every step (momentum and weight decay
+   cannot revive it) until an adapter removes it (``drop_channels``).
+
+With N = 3 and no interference the norms after three steps are 2/3, 1/3 and 0 of
+``L_init`` (Figure 2).
+
+Other rules
+-----------
+* A step skipped by ``torch.amp.GradScaler`` (inf/NaN gradients) never calls
+  ``optimizer.step()``, so the hooks do not run and nothing advances.
+* A decaying channel whose gradient, old or new vector is not finite is left exactly as
+  the optimizer produced it for that step (one warning per step), takes no part in the
+  mean of Eq. 5, and its decay goes on at the next finite step.
+* ``capture_clean_grads()`` (called after ``backward()`` and before a penalty is added
+  to ``.grad``) makes the next step use the penalty-free gradient for decaying channels,
+  for both their update and the SR criteria (section 3.2, "Special Situations").
+* Norms and criteria are computed in float32 whatever the parameters' dtype; state lives
+  on the parameters' device. Per step the work is a handful of tensor ops per slice of
+  each group that has decaying or zeroed channels; other groups are not touched.
+* Where one tensor element belongs to channels of two groups (a conv's input slice in
+  one group, its output filter in another), both groups' scales apply to it, in
+  insertion order; zeroed channels are exact zeros regardless.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from . import functional as F
+from .config import DecayConfig
+
+__all__ = ["DecayEngine", "ChannelState", "EngineHandle"]
+
+_STATE_VERSION = 1
+
+
+@dataclass
+class ChannelState:
+    """A snapshot (copies) of one group's per-channel state."""
+
+    decaying: torch.Tensor  # bool[M]
+    zeroed: torch.Tensor    # bool[M]
+    n_step: torch.Tensor    # int64[M]
+    l_init: torch.Tensor    # float32[M]
+
+    @property
+    def live(self) -> torch.Tensor:
+        """Channels that train normally (neither decaying nor zeroed)."""
+        return ~(self.decaying | self.zeroed)
+
+
+class _Slice:
+    """One tensor's share of a group: positions along ``dim`` for each of M channels."""
+
+    __slots__ = ("param", "dim", "index", "k")
+
+    def __init__(self, param: torch.Tensor, dim: int, index: torch.Tensor | None, k: int):
+        self.param = param
+        self.dim = dim
+        self.index = index  # LongTensor [M, k] or None (channel c owns position c)
+        self.k = k
+
+    def positions(self, channels: torch.Tensor) -> torch.Tensor:
+        """Positions along ``dim`` of ``channels``, channel-major."""
+        if self.index is None:
+            return channels
+        return self.index.index_select(0, channels).reshape(-1)
+
+    def gather(self, t: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        return t.index_select(self.dim, self.positions(channels))
+
+    def broadcast(self, per_channel: torch.Tensor) -> torch.Tensor:
+        """Expand a ``[D]`` per-channel tensor to broadcast against a gathered slice."""
+        v = per_channel.repeat_interleave(self.k) if self.k > 1 else per_channel
+        shape = [1] * self.param.dim()
+        shape[self.dim] = -1
+        return v.view(shape)
+
+    def layout(self) -> tuple:
+        return (tuple(self.param.shape), self.dim, self.k)
+
+
+class _Group:
+    __slots__ = ("name", "slices", "m", "decaying", "zeroed", "n_step", "l_init",
+                 "_zero_positions")
+
+    def __init__(self, name: str, slices: list[_Slice], m: int, device: torch.device):
+        self.name = name
+        self.slices = slices
+        self.m = m
+        self.decaying = torch.zeros(m, dtype=torch.bool, device=device)
+        self.zeroed = torch.zeros(m, dtype=torch.bool, device=device)
+        self.n_step = torch.zeros(m, dtype=torch.int64, device=device)
+        self.l_init = torch.zeros(m, dtype=torch.float32, device=device)
+        self._zero_positions: list[torch.Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.decaying.device
+
+    def params(self) -> list[torch.Tensor]:
+        return [s.param for s in self.slices]
+
+    def sq_norms(self, channels: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        total = torch.zeros(channels.numel(), dtype=torch.float32, device=self.device)
+        for s in self.slices:
+            t = s.param.grad if grad else s.param
+            if t is None:
+                continue
+            total += F.channel_sq_norms(s.gather(t, channels), s.dim, channels.numel())
+        return total
+
+    def zero_positions(self) -> list[torch.Tensor]:
+        if self._zero_positions is None:
+            ch = self.zeroed.nonzero().squeeze(1)
+            self._zero_positions = [s.positions(ch) for s in self.slices]
+        return self._zero_positions
+
+    def write_zeros(self) -> None:
+        if not bool(self.zeroed.any()):
+            return
+        for s, pos in zip(self.slices, self.zero_positions()):
+            s.param.index_fill_(s.dim, pos, 0)
+
+
+class EngineHandle:
+    """Returned by :meth:`DecayEngine.attach`; ``remove()`` detaches the engine."""
+
+    def __init__(self, engine: "DecayEngine", handles: Sequence):
+        self._engine = engine
+        self._handles = list(handles)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._engine._handle is self:
+            self._engine._handle = None
+            self._engine._optimizer = None
+
+
+class DecayEngine:
+    """Smooth Pruning and Self-Rectifying over groups of parallel channels.
+
+    Adapters decide *what* to prune and call :meth:`mark`; the engine decays the marked
+    channels on every optimizer step (once :meth:`attach` ed) and reports which were
+    released or zeroed; adapters then remove zeroed channels physically. See the module
+    docstring for the exact per-step rules.
+    """
+
+    def __init__(self, config: DecayConfig | None = None):
+        if config is None:
+            config = DecayConfig()
+        if not isinstance(config, DecayConfig):
+            raise TypeError(f"DecayEngine expects a dpm_core.DecayConfig, got "
+                            f"{type(config).__name__}; build one with DecayConfig(steps=..., "
+                            f"t_rate=..., t_len=..., self_rectify=...)")
+        self.config = config
+        self._groups: dict[str, _Group] = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._handle: EngineHandle | None = None
+        self._pending: dict[str, tuple] = {}
+        self._clean: dict[str, tuple] = {}
+        self._zeroed_cbs: list[Callable] = []
+        self._released_cbs: list[Callable] = []
+        self._marked_since_step = 0
+        self.step_count = 0
+        self.counters = {"steps": 0, "marked": 0, "released": 0, "zeroed": 0}
+        self.events: list[dict] = []
+
+    # ------------------------------------------------------------------ groups
+    def add_group(self, name: str, slices: Iterable) -> None:
+        """Register M parallel channels under ``name``; see the module docstring."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"group name must be a non-empty string, got {name!r}")
+        if name in self._groups:
+            raise ValueError(f"group {name!r} already exists; use a unique name per group "
+                             f"(or remove_group({name!r}) first)")
+        parsed, m = self._parse_slices(name, slices)
+        group = _Group(name, parsed, m, parsed[0].param.device)
+        if self._optimizer is not None:
+            self._check_held(self._optimizer, [group])
+        self._groups[name] = group
+
+    def _parse_slices(self, name: str, slices: Iterable, expect_m: int | None = None):
+        try:
+            items = list(slices)
+        except TypeError:
+            raise ValueError(f"group {name!r}: slices must be a list of (param, dim) or "
+                             f"(param, dim, index) tuples, got {type(slices).__name__}") from None
+        if not items:
+            raise ValueError(f"group {name!r}: slices is empty; give at least one "
+                             f"(param, dim) tuple")
+        parsed: list[_Slice] = []
+        m = expect_m
+        seen = set()
+        for i, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                raise ValueError(f"group {name!r}, slice {i}: expected (param, dim) or "
+                                 f"(param, dim, index), got {item!r:.80}")
+            param, dim = item[0], item[1]
+            index = item[2] if len(item) == 3 else None
+            if not isinstance(param, torch.Tensor):
+                raise ValueError(f"group {name!r}, slice {i}: param must be a tensor, got "
+                                 f"{type(param).__name__}")
+            if not param.is_leaf:
+                raise ValueError(f"group {name!r}, slice {i}: tensor of shape "
+                                 f"{tuple(param.shape)} is not a leaf tensor (it was computed "
+                                 f"from others); pass the nn.Parameter itself")
+            if not param.is_floating_point():
+                raise ValueError(f"group {name!r}, slice {i}: param must be floating point, "
+                                 f"got {param.dtype}")
+            if isinstance(dim, bool) or not isinstance(dim, int) \
+                    or not -param.dim() <= dim < max(param.dim(), 1):
+                raise ValueError(f"group {name!r}, slice {i}: dim {dim!r} is out of range for "
+                                 f"a tensor of shape {tuple(param.shape)}")
+            dim = dim % param.dim()
+            size = param.shape[dim]
+            if index is None:
+                k, mi = 1, size
+            else:
+                if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 \
+                        or index.dim() != 2:
+                    raise ValueError(f"group {name!r}, slice {i}: index must be a LongTensor "
+                                     f"of shape [M, k], got "
+                                     f"{getattr(index, 'dtype', type(index).__name__)} "
+                                     f"{tuple(getattr(index, 'shape', ()))}")
+                if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+                    raise ValueError(f"group {name!r}, slice {i}: index values must lie in "
+                                     f"[0, {size}) (size of dim {dim} of a tensor of shape "
+                                     f"{tuple(param.shape)}), got range "
+                                     f"[{int(index.min())}, {int(index.max())}]")
+                if torch.unique(index).numel() != index.numel():
+                    raise ValueError(f"group {name!r}, slice {i}: index lists a position "
+                                     f"twice; each position may belong to one channel only")
+                mi, k = index.shape
+                index = index.to(param.device)
+            if m is None:
+                m = mi
+            elif mi != m:
+                raise ValueError(f"group {name!r}, slice {i}: has {mi} channels along dim "
+                                 f"{dim} of a tensor of shape {tuple(param.shape)} but the "
+                                 f"group has {m}; all slices must agree on M")
+            key = (id(param), dim)
+            if key in seen:
+                raise ValueError(f"group {name!r}, slice {i}: the same tensor and dim are "
+                                 f"listed twice")
+            seen.add(key)
+            if param.device != items[0][0].device:
+                raise ValueError(f"group {name!r}: slices live on different devices "
+                                 f"({items[0][0].device} and {param.device})")
+            parsed.append(_Slice(param, dim, index, k))
+        if m == 0:
+            raise ValueError(f"group {name!r} has no channels (M = 0)")
+        return parsed, m
+
+    def remove_group(self, name: str) -> None:
+        """Forget a group entirely (e.g. its layer was removed)."""
+        self._group(name)
+        del self._groups[name]
+        self._pending.pop(name, None)
+        self._clean.pop(name, None)
+
+    def groups(self) -> list[str]:
+        return list(self._groups)
+
+    def num_channels(self, name: str) -> int:
+        return self._group(name).m
+
+    def group_params(self, name: str) -> list[torch.Tensor]:
+        return self._group(name).params()
+
+    def set_slices(self, name: str, slices: Iterable) -> None:
+        """Re-point a group at new tensors with the same number of channels."""
+        g = self._group(name)
+        parsed, _ = self._parse_slices(name, slices, expect_m=g.m)
+        self._replace_slices(g, parsed)
+
+    def replace_param(self, old: torch.Tensor, new: torch.Tensor) -> list[str]:
+        """Make every slice that refers to ``old`` refer to ``new`` instead.
+
+        For adapters that replaced a parameter by a physically smaller one: slices along
+        a dimension that did not change are re-pointed. A slice along a dimension whose
+        size changed cannot be re-pointed here (its channels changed): use
+        :meth:`drop_channels` for that group first. Returns the groups touched.
+        """
+        touched = []
+        for g in self._groups.values():
+            hit = [s for s in g.slices if s.param is old]
+            if not hit:
+                continue
+            for s in hit:
+                if new.dim() != old.dim() or new.shape[s.dim] != old.shape[s.dim]:
+                    raise ValueError(
+                        f"group {g.name!r}: cannot re-point its slice along dim {s.dim} from "
+                        f"a tensor of shape {tuple(old.shape)} to one of shape "
+                        f"{tuple(new.shape)}; call drop_channels({g.name!r}, ..., slices=...) "
+                        f"for the group whose channels were removed")
+            new_slices = [_Slice(new, s.dim, s.index, s.k) if s.param is old else s
+                          for s in g.slices]
+            self._replace_slices(g, new_slices)
+            touched.append(g.name)
+        if self._optimizer is not None and touched:
+            self._check_held(self._optimizer, [self._groups[n] for n in touched])
+        return touched
+
+    def _replace_slices(self, g: _Group, parsed: list[_Slice]) -> None:
+        if self._optimizer is not None:
+            tmp = _Group(g.name, parsed, g.m, g.device)
+            self._check_held(self._optimizer, [tmp])
+        g.slices = parsed
+        g._zero_positions = None
+        self._pending.pop(g.name, None)
+        self._clean.pop(g.name, None)
+
+    def drop_channels(self, name: str, channels, slices: Iterable | None = None) -> None:
+        """Forget ``channels`` of a group after an adapter removed them physically.
+
+        ``slices`` (the group's tensors after the removal, with M minus the dropped
+        channels) replaces the group's slices; it may be omitted only when every channel
+        is dropped, which removes the group.
+        """
+        g = self._group(name)
+        drop = self._channel_index(g, channels)
+        keep = torch.ones(g.m, dtype=torch.bool, device=g.device)
+        keep[drop] = False
+        new_m = int(keep.sum())
+        if new_m == 0:
+            self.remove_group(name)
+            return
+        if slices is None:
+            raise ValueError(f"drop_channels({name!r}): pass slices= for the {new_m} channels "
+                             f"that remain (the group's tensors after the removal)")
+        parsed, _ = self._parse_slices(name, slices, expect_m=new_m)
+        self._replace_slices(g, parsed)
+        g.m = new_m
+        g.decaying = g.decaying[keep]
+        g.zeroed = g.zeroed[keep]
+        g.n_step = g.n_step[keep]
+        g.l_init = g.l_init[keep]
+        g._zero_positions = None
+
+    def _group(self, name: str) -> _Group:
+        try:
+            return self._groups[name]
+        except KeyError:
+            raise KeyError(f"no group named {name!r}; known groups: "
+                           f"{list(self._groups)[:10]}{'...' if len(self._groups) > 10 else ''}"
+                           ) from None
+
+    def _channel_index(self, g: _Group, channels) -> torch.Tensor:
+        if isinstance(channels, torch.Tensor):
+            ch = channels.to(g.device)
+        else:
+            ch = torch.as_tensor(list(channels), device=g.device)
+        if ch.dtype == torch.bool:
+            if ch.shape != (g.m,):
+                raise ValueError(f"group {g.name!r}: a bool channel mask must have shape "
+                                 f"[{g.m}], got {tuple(ch.shape)}")
+            return ch.nonzero().squeeze(1)
+        if ch.numel() == 0:
+            return torch.zeros(0, dtype=torch.int64, device=g.device)
+        if ch.is_floating_point() or ch.dim() > 1:
+            raise ValueError(f"group {g.name!r}: channels must be integer indices or a bool "
+                             f"mask, got {ch.dtype} of shape {tuple(ch.shape)}")
+        ch = ch.long().reshape(-1)
+        if int(ch.min()) < 0 or int(ch.max()) >= g.m:
+            raise ValueError(f"group {g.name!r}: channel indices must lie in [0, {g.m}), got "
+                             f"range [{int(ch.min())}, {int(ch.max())}]")
+        return torch.unique(ch)
+
+    # ------------------------------------------------------------------ decisions
+    @torch.no_grad()
+    def mark(self, name: str, channels) -> torch.Tensor:
+        """Start decaying ``channels`` of group ``name`` (Algorithm 1).
+
+        Returns the channels that started decaying now (already decaying or zeroed
+        channels are skipped; channels with norm 0 are zeroed at once).
+        """
+        g = self._group(name)
+        ch = self._channel_index(g, channels)
+        ch = ch[~(g.decaying[ch] | g.zeroed[ch])]
+        if ch.numel() == 0:
+            return ch
+        norms = g.sq_norms(ch).sqrt()
+        if not bool(torch.isfinite(norms).all()):
+            bad = ch[~torch.isfinite(norms)].tolist()
+            raise ValueError(f"group {name!r}: channels {bad[:10]} have non-finite weights; "
+                             f"the model is already corrupted, fix the training before pruning")
+        empty = norms == 0
+        zero_now = ch[empty]
+        start = ch[~empty]
+        g.decaying[start] = True
+        g.n_step[start] = 0
+        g.l_init[start] = norms[~empty]
+        if zero_now.numel():
+            g.zeroed[zero_now] = True
+            g.n_step[zero_now] = self.config.steps
+            g._zero_positions = None
+        self._pending.pop(name, None)
+        self._marked_since_step += int(ch.numel())
+        self.counters["marked"] += int(ch.numel())
+        if zero_now.numel():
+            self.counters["zeroed"] += int(zero_now.numel())
+            for cb in self._zeroed_cbs:
+                cb(name, zero_now)
+        return start
+
+    def state(self, name: str) -> ChannelState:
+        g = self._group(name)
+        return ChannelState(g.decaying.clone(), g.zeroed.clone(), g.n_step.clone(),
+                            g.l_init.clone())
+
+    def is_decaying(self, name: str) -> torch.Tensor:
+        return self._group(name).decaying.clone()
+
+    def zeroed_channels(self, name: str) -> torch.Tensor:
+        return self._group(name).zeroed.nonzero().squeeze(1)
+
+    def decaying_channels(self, name: str) -> torch.Tensor:
+        return self._group(name).decaying.nonzero().squeeze(1)
+
+    def any_decaying(self) -> bool:
+        return any(bool(g.decaying.any()) for g in self._groups.values())
+
+    def on_zeroed(self, callback: Callable[[str, torch.Tensor], None]) -> None:
+        """Call ``callback(group_name, channels)`` whenever channels become zeroed."""
+        self._zeroed_cbs.append(callback)
+
+    def on_released(self, callback: Callable[[str, torch.Tensor], None]) -> None:
+        """Call ``callback(group_name, channels)`` whenever channels are released by SR."""
+        self._released_cbs.append(callback)
+
+    @torch.no_grad()
+    def zero_now(self, name: str, channels=None) -> torch.Tensor:
+        """Zero decaying channels at once (e.g. ``finalize(force=True)``); all if None."""
+        g = self._group(name)
+        ch = g.decaying.nonzero().squeeze(1) if channels is None else \
+            self._channel_index(g, channels)
+        ch = ch[g.decaying[ch]]
+        if ch.numel() == 0:
+            return ch
+        g.decaying[ch] = False
+        g.zeroed[ch] = True
+        g.n_step[ch] = self.config.steps
+        g._zero_positions = None
+        self._pending.pop(name, None)
+        g.write_zeros()
+        self.counters["zeroed"] += int(ch.numel())
+        for cb in self._zeroed_cbs:
+            cb(name, ch)
+        return ch
+
+    # ------------------------------------------------------------------ optimizer
+    def attach(self, optimizer: torch.optim.Optimizer) -> EngineHandle:
+        """Drive the engine from ``optimizer``'s own step hooks; returns a handle."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach() expects a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        if self._optimizer is not None:
+            if self._optimizer is optimizer:
+                return self._handle
+            raise RuntimeError("this engine is already attached to another optimizer; call "
+                               "remove() on the handle attach() returned before attaching again")
+        self._check_held(optimizer, self._groups.values())
+        h1 = optimizer.register_step_pre_hook(self._pre_step)
+        h2 = optimizer.register_step_post_hook(self._post_step)
+        self._optimizer = optimizer
+        self._handle = EngineHandle(self, [h1, h2])
+        return self._handle
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._optimizer
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Raise if a group's tensors are not held by ``optimizer`` (default: attached)."""
+        opt = optimizer or self._optimizer
+        if opt is not None:
+            self._check_held(opt, self._groups.values())
+
+    @staticmethod
+    def _check_held(optimizer, groups) -> None:
+        held = {id(p) for pg in optimizer.param_groups for p in pg["params"]}
+        for g in groups:
+            for s in g.slices:
+                if id(s.param) not in held:
+                    raise ValueError(
+                        f"group {g.name!r}: a tensor of shape {tuple(s.param.shape)} is not "
+                        f"among the attached optimizer's parameters, so its decay would never "
+                        f"run; build the optimizer from model.parameters() (after any pruning "
+                        f"that replaced parameters) or re-point the group with set_slices()")
+
+    @torch.no_grad()
+    def capture_clean_grads(self) -> None:
+        """Record the current, penalty-free gradients of decaying channels.
+
+        Call after ``loss.backward()`` and before adding a sparsity penalty to ``.grad``.
+        At the next optimizer step the engine writes these gradients back for the
+        decaying channels (so their update and the SR criteria ignore the penalty) and
+        computes C_len from them.
+        """
+        self._clean.clear()
+        for g in self._active(decaying_only=True):
+            dec = g.decaying.nonzero().squeeze(1)
+            allc = torch.arange(g.m, device=g.device)
+            gnorm = g.sq_norms(allc, grad=True).sqrt()
+            grads = [None if s.param.grad is None else s.gather(s.param.grad, dec)
+                     for s in g.slices]
+            self._clean[g.name] = (dec, grads, gnorm)
+
+    def _active(self, decaying_only: bool = False):
+        for g in self._groups.values():
+            if bool(g.decaying.any()) or (not decaying_only and bool(g.zeroed.any())):
+                yield g
+
+    @torch.no_grad()
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        self._pending.clear()
+        clean = self._clean
+        self._clean = {}
+        for g in self._active(decaying_only=True):
+            dec = g.decaying.nonzero().squeeze(1)
+            captured = clean.get(g.name)
+            if captured is not None:
+                cdec, grads, gnorm = captured
+                for s, cg in zip(g.slices, grads):
+                    if cg is not None and s.param.grad is not None:
+                        s.param.grad.index_copy_(s.dim, s.positions(cdec), cg)
+            elif self.config.self_rectify:
+                gnorm = g.sq_norms(torch.arange(g.m, device=g.device), grad=True).sqrt()
+            else:
+                gnorm = None
+            old = [s.gather(s.param, dec) for s in g.slices]
+            self._pending[g.name] = (dec, old, gnorm)
+
+    @torch.no_grad()
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        cfg = self.config
+        released_total = zeroed_total = 0
+        nonfinite_groups = []
+        for g in list(self._active()):
+            pending = self._pending.pop(g.name, None)
+            if pending is not None:
+                r, z, bad = self._decay_group(g, *pending)
+                released_total += r
+                zeroed_total += z
+                if bad:
+                    nonfinite_groups.append((g.name, bad))
+            g.write_zeros()
+        self._pending.clear()
+        self.step_count += 1
+        self.counters["steps"] += 1
+        if nonfinite_groups:
+            desc = ", ".join(f"{n} ({c})" for n, c in nonfinite_groups[:5])
+            warnings.warn(f"DPM step {self.step_count}: non-finite gradient or weights in "
+                          f"decaying channels of {desc}; left as the optimizer produced them "
+                          f"for this step, decay continues at the next finite step",
+                          RuntimeWarning, stacklevel=3)
+        decaying = sum(int(g.decaying.sum()) for g in self._groups.values())
+        if decaying or released_total or zeroed_total or self._marked_since_step:
+            self.events.append({"step": self.step_count, "decaying": decaying,
+                                "released": released_total, "zeroed": zeroed_total,
+                                "marked": self._marked_since_step})
+        self._marked_since_step = 0
+
+    def _decay_group(self, g: _Group, dec, old, gnorm) -> tuple[int, int, int]:
+        cfg = self.config
+        d = dec.numel()
+        new = [s.gather(s.param, dec) for s in g.slices]
+        sq_new = torch.zeros(d, dtype=torch.float32, device=g.device)
+        sq_old = torch.zeros_like(sq_new)
+        sq_delta = torch.zeros_like(sq_new)
+        for s, o, n in zip(g.slices, old, new):
+            sq_new += F.channel_sq_norms(n, s.dim, d)
+            sq_old += F.channel_sq_norms(o, s.dim, d)
+            sq_delta += F.channel_sq_norms(n.float() - o.float(), s.dim, d)
+        norm_new, norm_old, norm_delta = sq_new.sqrt(), sq_old.sqrt(), sq_delta.sqrt()
+        finite = torch.isfinite(norm_new) & torch.isfinite(norm_old)
+        if cfg.self_rectify:
+            c_len_all = F.relative_grad_length(gnorm)
+            c_len = c_len_all[dec]
+            finite &= torch.isfinite(gnorm[dec])
+            c_rate = F.escaping_rate(norm_new, norm_old, norm_delta)
+            release = finite & F.release_condition(c_rate, c_len, cfg.t_rate, cfg.t_len)
+        else:
+            release = torch.zeros_like(finite)
+        go = finite & ~release
+        factor, n_next, zero = F.decay_step(norm_new, g.l_init[dec], g.n_step[dec], cfg.steps)
+        factor = torch.where(go, factor, torch.ones_like(factor))
+        zero &= go
+        for s, n in zip(g.slices, new):
+            scaled = n * s.broadcast(factor).to(n.dtype)
+            s.param.index_copy_(s.dim, s.positions(dec), scaled)
+        g.n_step[dec] = torch.where(go, n_next, torch.where(release, 0, g.n_step[dec]))
+        rel_idx = dec[release]
+        zero_idx = dec[zero]
+        g.decaying[rel_idx] = False
+        g.decaying[zero_idx] = False
+        g.zeroed[zero_idx] = True
+        n_rel, n_zero = int(rel_idx.numel()), int(zero_idx.numel())
+        if n_zero:
+            g._zero_positions = None
+            self.counters["zeroed"] += n_zero
+            for cb in self._zeroed_cbs:
+                cb(g.name, zero_idx)
+        if n_rel:
+            self.counters["released"] += n_rel
+            for cb in self._released_cbs:
+                cb(g.name, rel_idx)
+        return n_rel, n_zero, int((~finite).sum())
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        """Everything needed to resume mid-decay exactly (tensors are copied, on CPU)."""
+        return {
+            "version": _STATE_VERSION,
+            "config": self.config.to_dict(),
+            "step_count": self.step_count,
+            "counters": dict(self.counters),
+            "events": [dict(e) for e in self.events],
+            "marked_since_step": self._marked_since_step,
+            "groups": {
+                name: {
+                    "m": g.m,
+                    "layout": [s.layout() for s in g.slices],
+                    "decaying": g.decaying.cpu().clone(),
+                    "zeroed": g.zeroed.cpu().clone(),
+                    "n_step": g.n_step.cpu().clone(),
+                    "l_init": g.l_init.cpu().clone(),
+                }
+                for name, g in self._groups.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` into an engine holding the same groups."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(f"not a DecayEngine state_dict of version {_STATE_VERSION} "
+                             f"(got {type(state).__name__} with version "
+                             f"{state.get('version') if isinstance(state, dict) else None})")
+        saved_steps = state["config"]["steps"]
+        if saved_steps != self.config.steps:
+            raise ValueError(f"the checkpoint was made with steps={saved_steps} but this "
+                             f"engine has steps={self.config.steps}; step counters would be "
+                             f"wrong. Build the engine with the checkpoint's DecayConfig")
+        groups = state["groups"]
+        if list(groups) != list(self._groups):
+            missing = [n for n in groups if n not in self._groups]
+            extra = [n for n in self._groups if n not in groups]
+            raise ValueError(f"group layout mismatch: checkpoint groups missing here "
+                             f"{missing[:5]}, groups here not in checkpoint {extra[:5]}; "
+                             f"register the same groups (same model shape) before loading")
+        for name, gs in groups.items():
+            g = self._groups[name]
+            layout = [tuple(x) if not isinstance(x, tuple) else x for x in gs["layout"]]
+            mine = [s.layout() for s in g.slices]
+            if gs["m"] != g.m or [_norm_layout(x) for x in layout] != \
+                    [_norm_layout(x) for x in mine]:
+                raise ValueError(f"group {name!r}: checkpoint layout (M={gs['m']}, "
+                                 f"{layout}) does not match this model's (M={g.m}, {mine}); "
+                                 f"load into a model of the same shape")
+        for name, gs in groups.items():
+            g = self._groups[name]
+            g.decaying = gs["decaying"].to(g.device, torch.bool).clone()
+            g.zeroed = gs["zeroed"].to(g.device, torch.bool).clone()
+            g.n_step = gs["n_step"].to(g.device, torch.int64).clone()
+            g.l_init = gs["l_init"].to(g.device, torch.float32).clone()
+            g._zero_positions = None
+        self.step_count = int(state["step_count"])
+        self.counters = dict(state["counters"])
+        self.events = [dict(e) for e in state["events"]]
+        self._marked_since_step = int(state.get("marked_since_step", 0))
+        self._pending.clear()
+        self._clean.clear()
+
+
+def _norm_layout(x) -> tuple:
+    shape, dim, k = x
+    return (tuple(shape), int(dim), int(k))

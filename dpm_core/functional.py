@@ -1,0 +1,129 @@
+"""The Decay Pruning Method's math as small, pure, vectorised functions.
+
+Every function works on 1-D float tensors holding one value per channel (so a whole
+layer is handled by one call) and has no side effects. Equation numbers refer to the
+paper (Yang et al., "Decay Pruning Method: Smooth Pruning With a Self-Rectifying
+Procedure", arXiv:2406.03879, section 3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "channel_sq_norms",
+    "step_length",
+    "target_length",
+    "projection_factor",
+    "recalibrated_step",
+    "escaping_rate",
+    "relative_grad_length",
+    "release_condition",
+    "decay_step",
+]
+
+
+def channel_sq_norms(t: torch.Tensor, dim: int, channels: int) -> torch.Tensor:
+    """Squared L2 norm of each of ``channels`` slices of ``t`` along ``dim``, in float32.
+
+    ``t`` must hold exactly ``channels * k`` positions along ``dim``, channel-major
+    (positions ``c*k .. c*k+k-1`` belong to channel ``c``), which is the layout
+    ``index_select`` produces from a ``[M, k]`` index.
+    """
+    v = t.movedim(dim, 0).reshape(channels, -1)
+    return v.float().pow(2).sum(dim=1)
+
+
+def step_length(l_init: torch.Tensor, steps: int) -> torch.Tensor:
+    """Eq. 3: ``L_s = L_init / N``, the norm removed per decaying step."""
+    return l_init / steps
+
+
+def target_length(l_init: torch.Tensor, n_step: torch.Tensor, steps: int) -> torch.Tensor:
+    """Eq. 2: ``L_target = (N - n_step) * L_s``."""
+    return (steps - n_step).to(l_init.dtype) * step_length(l_init, steps)
+
+
+def projection_factor(norm: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: the scale that brings a vector of L2 norm ``norm`` to ``target``.
+
+    ``x_{k+1} = x~_{k+1} * L_target / ||x~_{k+1}||`` keeps the direction. Where the norm
+    is already at or below the target (section 3.1, last paragraph) the factor is 1:
+    the vector is left as the optimizer produced it.
+    """
+    scale = target / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+    return torch.where(norm > target, scale, torch.ones_like(norm))
+
+
+def recalibrated_step(norm: torch.Tensor, l_init: torch.Tensor, n_step: torch.Tensor,
+                      steps: int) -> torch.Tensor:
+    """Section 3.1, last paragraph: re-align ``n_step`` with a norm already below target.
+
+    Returns ``N - ceil(||x~|| / L_s)``, so that the next target ``(N - n - 1) * L_s``
+    lies below the current norm. Mathematically the result is never smaller than the
+    current ``n_step`` (because ``||x~|| <= (N - n) * L_s``); it is clamped to it to
+    guard against rounding.
+    """
+    ls = step_length(l_init, steps)
+    left = torch.ceil(norm / ls.clamp_min(torch.finfo(ls.dtype).tiny)).to(n_step.dtype)
+    return torch.maximum(steps - left, n_step)
+
+
+def escaping_rate(norm_new: torch.Tensor, norm_old: torch.Tensor,
+                  norm_delta: torch.Tensor) -> torch.Tensor:
+    """Eq. 4, the actual escaping rate ``C_rate = (||x~|| - ||x||) / ||x~ - x||``.
+
+    0 where the optimizer did not move the channel (denominator 0). By the triangle
+    inequality the rate lies in [-1, 1]; it is clamped there so that float rounding on a
+    purely radial update cannot push it past a threshold of exactly 1.
+    """
+    safe = norm_delta.clamp_min(torch.finfo(norm_delta.dtype).tiny)
+    rate = ((norm_new - norm_old) / safe).clamp(-1.0, 1.0)
+    return torch.where(norm_delta > 0, rate, torch.zeros_like(norm_new))
+
+
+def relative_grad_length(grad_norms: torch.Tensor) -> torch.Tensor:
+    """Eq. 5, ``C_len = ||g_c|| / mean_j ||g_j||`` over all M parallel channels.
+
+    0 for every channel when the mean is 0. Channels with a non-finite gradient norm are
+    left out of the mean (their own ``C_len`` is then non-finite, and the caller skips
+    them), so one bad channel cannot silence the criterion for its neighbours.
+    """
+    finite = torch.isfinite(grad_norms)
+    count = finite.sum()
+    total = torch.where(finite, grad_norms, torch.zeros_like(grad_norms)).sum()
+    mean = total / count.clamp_min(1)
+    return torch.where(mean > 0, grad_norms / mean.clamp_min(torch.finfo(mean.dtype).tiny),
+                       torch.zeros_like(grad_norms))
+
+
+def release_condition(c_rate: torch.Tensor, c_len: torch.Tensor, t_rate: float,
+                      t_len: float) -> torch.Tensor:
+    """Eq. 6: release where ``C_rate > T_rate AND C_len > T_len``."""
+    return (c_rate > t_rate) & (c_len > t_len)
+
+
+def decay_step(norm_new: torch.Tensor, l_init: torch.Tensor, n_step: torch.Tensor,
+               steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Smooth Pruning step (Eqs. 1-3) for channels that were not released.
+
+    Args:
+        norm_new: ``||x~||`` after the optimizer's update, float32 ``[D]``.
+        l_init: the channels' ``L_init``, float32 ``[D]``.
+        n_step: their step counters before this step, int64 ``[D]``.
+        steps: N.
+
+    Returns:
+        ``(factor, n_next, zeroed)``: the scale to apply to ``x~`` (0 for channels that
+        reach ``n = N``), the new counters, and a bool mask of channels that are now
+        exactly zero.
+    """
+    n_next = n_step + 1
+    target = target_length(l_init, n_next, steps)
+    factor = projection_factor(norm_new, target)
+    below = norm_new <= target
+    n_next = torch.where(below, recalibrated_step(norm_new, l_init, n_next, steps), n_next)
+    zeroed = n_next >= steps
+    factor = torch.where(zeroed, torch.zeros_like(factor), factor)
+    n_next = torch.where(zeroed, torch.full_like(n_next, steps), n_next)
+    return factor, n_next, zeroed
