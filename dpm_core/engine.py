@@ -84,15 +84,31 @@ class ChannelState:
 
 
 class _Slice:
-    """One tensor's share of a group: positions along ``dim`` for each of M channels."""
+    """One tensor's share of a group: positions along ``dim`` for each of M channels.
 
-    __slots__ = ("param", "dim", "index", "k")
+    The hot path works on the whole tensor: one norm kernel over the other dims gives a
+    value per position, and per-channel factors are broadcast back along ``dim`` (for an
+    index slice through ``owner``, which maps each position to its channel, or to M for
+    positions no channel owns).
+    """
+
+    __slots__ = ("param", "dim", "index", "k", "reduce_dims", "bshape", "owner")
 
     def __init__(self, param: torch.Tensor, dim: int, index: torch.Tensor | None, k: int):
         self.param = param
         self.dim = dim
         self.index = index  # LongTensor [M, k] or None (channel c owns position c)
         self.k = k
+        self.reduce_dims = tuple(d for d in range(param.dim()) if d != dim)
+        shape = [1] * param.dim()
+        shape[dim] = -1
+        self.bshape = tuple(shape)
+        self.owner = None
+        if index is not None:
+            m = index.shape[0]
+            owner = torch.full((param.shape[dim],), m, dtype=torch.int64, device=param.device)
+            owner[index.reshape(-1)] = torch.arange(m, device=param.device).repeat_interleave(k)
+            self.owner = owner
 
     def positions(self, channels: torch.Tensor) -> torch.Tensor:
         """Positions along ``dim`` of ``channels``, channel-major."""
@@ -100,15 +116,16 @@ class _Slice:
             return channels
         return self.index.index_select(0, channels).reshape(-1)
 
-    def gather(self, t: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-        return t.index_select(self.dim, self.positions(channels))
+    def sq_norms(self, t: torch.Tensor) -> torch.Tensor:
+        """Squared L2 norm of every channel's share of ``t`` (float32 ``[M]``)."""
+        return F.channel_sq_norms(t, self.reduce_dims, self.index)
 
-    def broadcast(self, per_channel: torch.Tensor) -> torch.Tensor:
-        """Expand a ``[D]`` per-channel tensor to broadcast against a gathered slice."""
-        v = per_channel.repeat_interleave(self.k) if self.k > 1 else per_channel
-        shape = [1] * self.param.dim()
-        shape[self.dim] = -1
-        return v.view(shape)
+    def expand(self, per_channel: torch.Tensor, fill) -> torch.Tensor:
+        """Per-channel values ``[M]`` as a tensor broadcastable against the parameter."""
+        if self.owner is None:
+            return per_channel.view(self.bshape)
+        ext = torch.cat([per_channel, per_channel.new_full((1,), fill)])
+        return ext[self.owner].view(self.bshape)
 
     def layout(self) -> tuple:
         return (tuple(self.param.shape), self.dim, self.k)
@@ -116,7 +133,7 @@ class _Slice:
 
 class _Group:
     __slots__ = ("name", "slices", "m", "decaying", "zeroed", "n_step", "l_init",
-                 "_zero_positions")
+                 "n_decaying", "n_zeroed")
 
     def __init__(self, name: str, slices: list[_Slice], m: int, device: torch.device):
         self.name = name
@@ -126,35 +143,38 @@ class _Group:
         self.zeroed = torch.zeros(m, dtype=torch.bool, device=device)
         self.n_step = torch.zeros(m, dtype=torch.int64, device=device)
         self.l_init = torch.zeros(m, dtype=torch.float32, device=device)
-        self._zero_positions: list[torch.Tensor] | None = None
+        self.n_decaying = 0  # python-side counts: no device sync to find active groups
+        self.n_zeroed = 0
 
     @property
     def device(self) -> torch.device:
         return self.decaying.device
 
+    def recount(self) -> None:
+        self.n_decaying = int(self.decaying.sum())
+        self.n_zeroed = int(self.zeroed.sum())
+
     def params(self) -> list[torch.Tensor]:
         return [s.param for s in self.slices]
 
-    def sq_norms(self, channels: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        total = torch.zeros(channels.numel(), dtype=torch.float32, device=self.device)
+    def sq_norms(self, grad: bool = False) -> torch.Tensor:
+        """Squared norms of all M channels of the weights (or of their gradients)."""
+        total = None
         for s in self.slices:
             t = s.param.grad if grad else s.param
             if t is None:
                 continue
-            total += F.channel_sq_norms(s.gather(t, channels), s.dim, channels.numel())
+            sq = s.sq_norms(t)
+            total = sq if total is None else total + sq
+        if total is None:
+            total = torch.zeros(self.m, dtype=torch.float32, device=self.device)
         return total
 
-    def zero_positions(self) -> list[torch.Tensor]:
-        if self._zero_positions is None:
-            ch = self.zeroed.nonzero().squeeze(1)
-            self._zero_positions = [s.positions(ch) for s in self.slices]
-        return self._zero_positions
-
     def write_zeros(self) -> None:
-        if not bool(self.zeroed.any()):
+        if not self.n_zeroed:
             return
-        for s, pos in zip(self.slices, self.zero_positions()):
-            s.param.index_fill_(s.dim, pos, 0)
+        for s in self.slices:
+            s.param.masked_fill_(s.expand(self.zeroed, False), 0)
 
 
 class EngineHandle:
@@ -194,7 +214,9 @@ class DecayEngine:
         self._optimizer: torch.optim.Optimizer | None = None
         self._handle: EngineHandle | None = None
         self._pending: dict[str, tuple] = {}
+        self._old: dict[int, torch.Tensor] = {}
         self._clean: dict[str, tuple] = {}
+        self._clean_copies: dict[int, torch.Tensor | None] = {}
         self._zeroed_cbs: list[Callable] = []
         self._released_cbs: list[Callable] = []
         self._marked_since_step = 0
@@ -343,7 +365,6 @@ class DecayEngine:
             tmp = _Group(g.name, parsed, g.m, g.device)
             self._check_held(self._optimizer, [tmp])
         g.slices = parsed
-        g._zero_positions = None
         self._pending.pop(g.name, None)
         self._clean.pop(g.name, None)
 
@@ -372,7 +393,7 @@ class DecayEngine:
         g.zeroed = g.zeroed[keep]
         g.n_step = g.n_step[keep]
         g.l_init = g.l_init[keep]
-        g._zero_positions = None
+        g.recount()
 
     def _group(self, name: str) -> _Group:
         try:
@@ -416,7 +437,7 @@ class DecayEngine:
         ch = ch[~(g.decaying[ch] | g.zeroed[ch])]
         if ch.numel() == 0:
             return ch
-        norms = g.sq_norms(ch).sqrt()
+        norms = g.sq_norms()[ch].sqrt()
         if not bool(torch.isfinite(norms).all()):
             bad = ch[~torch.isfinite(norms)].tolist()
             raise ValueError(f"group {name!r}: channels {bad[:10]} have non-finite weights; "
@@ -430,7 +451,7 @@ class DecayEngine:
         if zero_now.numel():
             g.zeroed[zero_now] = True
             g.n_step[zero_now] = self.config.steps
-            g._zero_positions = None
+        g.recount()
         self._pending.pop(name, None)
         self._marked_since_step += int(ch.numel())
         self.counters["marked"] += int(ch.numel())
@@ -455,7 +476,7 @@ class DecayEngine:
         return self._group(name).decaying.nonzero().squeeze(1)
 
     def any_decaying(self) -> bool:
-        return any(bool(g.decaying.any()) for g in self._groups.values())
+        return any(g.n_decaying for g in self._groups.values())
 
     def on_zeroed(self, callback: Callable[[str, torch.Tensor], None]) -> None:
         """Call ``callback(group_name, channels)`` whenever channels become zeroed."""
@@ -477,7 +498,7 @@ class DecayEngine:
         g.decaying[ch] = False
         g.zeroed[ch] = True
         g.n_step[ch] = self.config.steps
-        g._zero_positions = None
+        g.recount()
         self._pending.pop(name, None)
         g.write_zeros()
         self.counters["zeroed"] += int(ch.numel())
@@ -534,115 +555,144 @@ class DecayEngine:
         decaying channels (so their update and the SR criteria ignore the penalty) and
         computes C_len from them.
         """
-        self._clean.clear()
+        self._clean = {}
+        copies: dict[int, torch.Tensor | None] = {}
         for g in self._active(decaying_only=True):
-            dec = g.decaying.nonzero().squeeze(1)
-            allc = torch.arange(g.m, device=g.device)
-            gnorm = g.sq_norms(allc, grad=True).sqrt()
-            grads = [None if s.param.grad is None else s.gather(s.param.grad, dec)
-                     for s in g.slices]
-            self._clean[g.name] = (dec, grads, gnorm)
+            for s in g.slices:
+                if id(s.param) not in copies:
+                    grad = s.param.grad
+                    copies[id(s.param)] = None if grad is None else grad.clone()
+            self._clean[g.name] = (g.decaying.clone(), g.sq_norms(grad=True).sqrt())
+        self._clean_copies = copies
 
     def _active(self, decaying_only: bool = False):
         for g in self._groups.values():
-            if bool(g.decaying.any()) or (not decaying_only and bool(g.zeroed.any())):
+            if g.n_decaying or (not decaying_only and g.n_zeroed):
                 yield g
 
     @torch.no_grad()
     def _pre_step(self, optimizer, args, kwargs) -> None:
-        self._pending.clear()
-        clean = self._clean
-        self._clean = {}
+        self._pending = {}
+        self._old = {}
+        clean, copies = self._clean, self._clean_copies
+        self._clean, self._clean_copies = {}, {}
         for g in self._active(decaying_only=True):
-            dec = g.decaying.nonzero().squeeze(1)
             captured = clean.get(g.name)
             if captured is not None:
-                cdec, grads, gnorm = captured
-                for s, cg in zip(g.slices, grads):
+                mask, gnorm = captured
+                for s in g.slices:
+                    cg = copies.get(id(s.param))
                     if cg is not None and s.param.grad is not None:
-                        s.param.grad.index_copy_(s.dim, s.positions(cdec), cg)
+                        s.param.grad.copy_(torch.where(s.expand(mask, False), cg,
+                                                       s.param.grad))
             elif self.config.self_rectify:
-                gnorm = g.sq_norms(torch.arange(g.m, device=g.device), grad=True).sqrt()
+                gnorm = g.sq_norms(grad=True).sqrt()
             else:
                 gnorm = None
-            old = [s.gather(s.param, dec) for s in g.slices]
-            self._pending[g.name] = (dec, old, gnorm)
+            for s in g.slices:
+                if id(s.param) not in self._old:
+                    self._old[id(s.param)] = s.param.detach().clone()
+            self._pending[g.name] = (g.decaying.clone(), gnorm)
 
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:
-        cfg = self.config
+        active = list(self._active())
+        pend = [(g, self._pending[g.name]) for g in active if g.name in self._pending]
         released_total = zeroed_total = 0
-        nonfinite_groups = []
-        for g in list(self._active()):
-            pending = self._pending.pop(g.name, None)
-            if pending is not None:
-                r, z, bad = self._decay_group(g, *pending)
-                released_total += r
-                zeroed_total += z
-                if bad:
-                    nonfinite_groups.append((g.name, bad))
+        if pend:
+            # measure every group before scaling any, so groups sharing a tensor all see x~
+            norms = [self._measure(g) for g, _ in pend]
+            released_total, zeroed_total = self._decay(pend, norms)
+        for g in active:
             g.write_zeros()
-        self._pending.clear()
+        self._pending = {}
+        self._old = {}
         self.step_count += 1
         self.counters["steps"] += 1
-        if nonfinite_groups:
-            desc = ", ".join(f"{n} ({c})" for n, c in nonfinite_groups[:5])
-            warnings.warn(f"DPM step {self.step_count}: non-finite gradient or weights in "
-                          f"decaying channels of {desc}; left as the optimizer produced them "
-                          f"for this step, decay continues at the next finite step",
-                          RuntimeWarning, stacklevel=3)
-        decaying = sum(int(g.decaying.sum()) for g in self._groups.values())
+        decaying = sum(g.n_decaying for g in self._groups.values())
         if decaying or released_total or zeroed_total or self._marked_since_step:
             self.events.append({"step": self.step_count, "decaying": decaying,
                                 "released": released_total, "zeroed": zeroed_total,
                                 "marked": self._marked_since_step})
         self._marked_since_step = 0
 
-    def _decay_group(self, g: _Group, dec, old, gnorm) -> tuple[int, int, int]:
+    def _measure(self, g: _Group) -> torch.Tensor:
+        """``[3, M]``: ``||x~||``, ``||x||`` and ``||x~ - x||`` of all channels, float32."""
+        total = None
+        for s in g.slices:
+            old = self._old[id(s.param)]
+            new = s.param.detach()
+            delta = new - old if new.dtype == torch.float32 else new.float() - old.float()
+            sq = torch.stack([s.sq_norms(new), s.sq_norms(old), s.sq_norms(delta)])
+            total = sq if total is None else total + sq
+        return total.sqrt()
+
+    def _decay(self, pend, norms) -> tuple[int, int]:
+        """Algorithm 2 for every channel of every active group in one vectorised pass.
+
+        Per-channel quantities of all groups are concatenated; decisions are masked to
+        the channels that were decaying at the pre-hook (and still are: ``zero_now``
+        between the hooks wins).
+        """
         cfg = self.config
-        d = dec.numel()
-        new = [s.gather(s.param, dec) for s in g.slices]
-        sq_new = torch.zeros(d, dtype=torch.float32, device=g.device)
-        sq_old = torch.zeros_like(sq_new)
-        sq_delta = torch.zeros_like(sq_new)
-        for s, o, n in zip(g.slices, old, new):
-            sq_new += F.channel_sq_norms(n, s.dim, d)
-            sq_old += F.channel_sq_norms(o, s.dim, d)
-            sq_delta += F.channel_sq_norms(n.float() - o.float(), s.dim, d)
-        norm_new, norm_old, norm_delta = sq_new.sqrt(), sq_old.sqrt(), sq_delta.sqrt()
+        groups = [g for g, _ in pend]
+        sizes = [g.m for g in groups]
+        dev = groups[0].device
+        seg = torch.repeat_interleave(torch.arange(len(groups), device=dev),
+                                      torch.tensor(sizes, device=dev))
+        dec = torch.cat([p[0] for _, p in pend]) & torch.cat([g.decaying for g in groups])
+        norm_new, norm_old, norm_delta = torch.cat(norms, dim=1)
+        l_init = torch.cat([g.l_init for g in groups])
+        n_step = torch.cat([g.n_step for g in groups])
         finite = torch.isfinite(norm_new) & torch.isfinite(norm_old)
         if cfg.self_rectify:
-            c_len_all = F.relative_grad_length(gnorm)
-            c_len = c_len_all[dec]
-            finite &= torch.isfinite(gnorm[dec])
+            gnorm = torch.cat([p[1] for _, p in pend])
+            finite &= torch.isfinite(gnorm)
+            c_len = F.relative_grad_length(gnorm, seg, len(groups))
             c_rate = F.escaping_rate(norm_new, norm_old, norm_delta)
-            release = finite & F.release_condition(c_rate, c_len, cfg.t_rate, cfg.t_len)
+            release = dec & finite & F.release_condition(c_rate, c_len, cfg.t_rate, cfg.t_len)
         else:
-            release = torch.zeros_like(finite)
-        go = finite & ~release
-        factor, n_next, zero = F.decay_step(norm_new, g.l_init[dec], g.n_step[dec], cfg.steps)
+            release = torch.zeros_like(dec)
+        go = dec & finite & ~release
+        factor, n_next, zero = F.decay_step(norm_new, l_init, n_step, cfg.steps)
         factor = torch.where(go, factor, torch.ones_like(factor))
         zero &= go
-        for s, n in zip(g.slices, new):
-            scaled = n * s.broadcast(factor).to(n.dtype)
-            s.param.index_copy_(s.dim, s.positions(dec), scaled)
-        g.n_step[dec] = torch.where(go, n_next, torch.where(release, 0, g.n_step[dec]))
-        rel_idx = dec[release]
-        zero_idx = dec[zero]
-        g.decaying[rel_idx] = False
-        g.decaying[zero_idx] = False
-        g.zeroed[zero_idx] = True
-        n_rel, n_zero = int(rel_idx.numel()), int(zero_idx.numel())
-        if n_zero:
-            g._zero_positions = None
-            self.counters["zeroed"] += n_zero
-            for cb in self._zeroed_cbs:
-                cb(g.name, zero_idx)
-        if n_rel:
-            self.counters["released"] += n_rel
-            for cb in self._released_cbs:
-                cb(g.name, rel_idx)
-        return n_rel, n_zero, int((~finite).sum())
+        n_step = torch.where(go, n_next, torch.where(release, torch.zeros_like(n_next), n_step))
+        bad = dec & ~finite
+        counts = torch.zeros(3, len(groups), dtype=torch.int64, device=dev)
+        counts.index_add_(1, seg, torch.stack([release, zero, bad]).long())
+        n_rel, n_zero, n_bad = counts.tolist()
+        for g, f, n, r, z in zip(groups, factor.split(sizes), n_step.split(sizes),
+                                 release.split(sizes), zero.split(sizes)):
+            for s in g.slices:
+                s.param.mul_(s.expand(f, 1.0) if s.param.dtype == torch.float32
+                             else s.expand(f, 1.0).to(s.param.dtype))
+            g.n_step = n
+        for i, g in enumerate(groups):
+            if not (n_rel[i] or n_zero[i]):
+                continue
+            r, z = release[seg == i], zero[seg == i]
+            g.decaying = g.decaying & ~(r | z)
+            g.zeroed = g.zeroed | z
+            g.n_decaying -= n_rel[i] + n_zero[i]
+            g.n_zeroed += n_zero[i]
+            if n_zero[i]:
+                self.counters["zeroed"] += n_zero[i]
+                idx = z.nonzero().squeeze(1)
+                for cb in self._zeroed_cbs:
+                    cb(g.name, idx)
+            if n_rel[i]:
+                self.counters["released"] += n_rel[i]
+                idx = r.nonzero().squeeze(1)
+                for cb in self._released_cbs:
+                    cb(g.name, idx)
+        if sum(n_bad):
+            desc = ", ".join(f"{g.name} ({b})" for g, b in zip(groups, n_bad) if b)
+            warnings.warn(f"DPM step {self.step_count + 1}: non-finite gradient or weights in "
+                          f"decaying channels of {desc}; left as the optimizer produced them "
+                          f"for this step, decay continues at the next finite step",
+                          RuntimeWarning, stacklevel=4)
+        return sum(n_rel), sum(n_zero)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
@@ -700,13 +750,15 @@ class DecayEngine:
             g.zeroed = gs["zeroed"].to(g.device, torch.bool).clone()
             g.n_step = gs["n_step"].to(g.device, torch.int64).clone()
             g.l_init = gs["l_init"].to(g.device, torch.float32).clone()
-            g._zero_positions = None
-        self.step_count = int(state["step_count"])
+            g.recount()
+            self.step_count = int(state["step_count"])
         self.counters = dict(state["counters"])
         self.events = [dict(e) for e in state["events"]]
         self._marked_since_step = int(state.get("marked_since_step", 0))
-        self._pending.clear()
-        self._clean.clear()
+        self._pending = {}
+        self._old = {}
+        self._clean = {}
+        self._clean_copies = {}
 
 
 def _norm_layout(x) -> tuple:

@@ -23,15 +23,25 @@ __all__ = [
 ]
 
 
-def channel_sq_norms(t: torch.Tensor, dim: int, channels: int) -> torch.Tensor:
-    """Squared L2 norm of each of ``channels`` slices of ``t`` along ``dim``, in float32.
+def channel_sq_norms(t: torch.Tensor, reduce_dims: tuple[int, ...],
+                     index: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared L2 norm of each channel's share of ``t``, in float32.
 
-    ``t`` must hold exactly ``channels * k`` positions along ``dim``, channel-major
-    (positions ``c*k .. c*k+k-1`` belong to channel ``c``), which is the layout
-    ``index_select`` produces from a ``[M, k]`` index.
+    One norm kernel over ``reduce_dims`` (all dims but the channel dim) gives a value per
+    position along the channel dim; with ``index`` (LongTensor ``[M, k]``) the k
+    positions of each channel are summed. The weights are read once and never copied.
     """
-    v = t.movedim(dim, 0).reshape(channels, -1)
-    return v.float().pow(2).sum(dim=1)
+    if reduce_dims:
+        if t.dtype in (torch.float16, torch.bfloat16):
+            n = torch.linalg.vector_norm(t, dim=reduce_dims, dtype=torch.float32)
+        else:
+            n = torch.linalg.vector_norm(t, dim=reduce_dims).float()
+    else:
+        n = t.detach().float().abs()
+    sq = n * n
+    if index is not None:
+        sq = sq[index].sum(dim=1)
+    return sq
 
 
 def step_length(l_init: torch.Tensor, steps: int) -> torch.Tensor:
@@ -82,17 +92,24 @@ def escaping_rate(norm_new: torch.Tensor, norm_old: torch.Tensor,
     return torch.where(norm_delta > 0, rate, torch.zeros_like(norm_new))
 
 
-def relative_grad_length(grad_norms: torch.Tensor) -> torch.Tensor:
-    """Eq. 5, ``C_len = ||g_c|| / mean_j ||g_j||`` over all M parallel channels.
+def relative_grad_length(grad_norms: torch.Tensor, segments: torch.Tensor | None = None,
+                         num_segments: int = 1) -> torch.Tensor:
+    """Eq. 5, ``C_len = ||g_c|| / mean_j ||g_j||`` over the M parallel channels of a layer.
 
-    0 for every channel when the mean is 0. Channels with a non-finite gradient norm are
-    left out of the mean (their own ``C_len`` is then non-finite, and the caller skips
-    them), so one bad channel cannot silence the criterion for its neighbours.
+    With ``segments`` (int64, the layer of each entry) several layers are handled in one
+    call, each against its own mean. A layer's ``C_len`` is 0 when its mean is 0.
+    Channels with a non-finite gradient norm are left out of the mean (their own ``C_len``
+    is then non-finite, and the caller skips them), so one bad channel cannot silence the
+    criterion for its neighbours.
     """
     finite = torch.isfinite(grad_norms)
-    count = finite.sum()
-    total = torch.where(finite, grad_norms, torch.zeros_like(grad_norms)).sum()
-    mean = total / count.clamp_min(1)
+    clean = torch.where(finite, grad_norms, torch.zeros_like(grad_norms))
+    if segments is None:
+        mean = (clean.sum() / finite.sum().clamp_min(1)).expand_as(grad_norms)
+    else:
+        total = clean.new_zeros(num_segments).index_add_(0, segments, clean)
+        count = clean.new_zeros(num_segments).index_add_(0, segments, finite.float())
+        mean = (total / count.clamp_min(1))[segments]
     return torch.where(mean > 0, grad_norms / mean.clamp_min(torch.finfo(mean.dtype).tiny),
                        torch.zeros_like(grad_norms))
 
