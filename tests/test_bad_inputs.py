@@ -1,0 +1,201 @@
+"""The README's table of bad inputs: every row is a case here, and the table must match.
+
+Each case builds a bad input, checks the exception type and that the message says what
+is wrong, and the last test checks that README.md lists exactly these cases with these
+messages (so the documentation cannot drift from the behaviour).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dpm_core import DecayConfig, DecayEngine
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _param(*shape):
+    return nn.Parameter(torch.randn(*shape))
+
+
+def _engine_with(w, **cfg):
+    e = DecayEngine(DecayConfig(**cfg))
+    e.add_group("g", [(w, 0)])
+    return e
+
+
+def _tiny_cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+# ---------------------------------------------------------------- the cases
+# (id, what the user did, callable raising, exception type, message excerpt shown in README)
+def c_steps_zero():
+    DecayConfig(steps=0)
+
+
+def c_steps_float():
+    DecayConfig(steps=2.5)
+
+
+def c_t_len_negative():
+    DecayConfig(t_len=-1)
+
+
+def c_t_rate_nan():
+    DecayConfig(t_rate=float("nan"))
+
+
+def c_engine_dict_config():
+    DecayEngine({"steps": 5})
+
+
+def c_m_mismatch():
+    DecayEngine().add_group("g", [(_param(4, 3), 0), (_param(5, 3), 0)])
+
+
+def c_non_leaf():
+    w = _param(4, 3)
+    DecayEngine().add_group("g", [(w * 2, 0)])
+
+
+def c_duplicate_group():
+    w = _param(4, 3)
+    e = _engine_with(w)
+    e.add_group("g", [(w, 0)])
+
+
+def c_index_out_of_range():
+    DecayEngine().add_group("g", [(_param(4, 6), 1, torch.tensor([[0, 1], [2, 6]]))])
+
+
+def c_optimizer_missing_params():
+    w = _param(4, 3)
+    _engine_with(w).attach(torch.optim.SGD([_param(2)], lr=0.1))
+
+
+def c_add_group_after_attach_missing():
+    e = DecayEngine()
+    e.attach(torch.optim.SGD([_param(2)], lr=0.1))
+    e.add_group("g", [(_param(4, 3), 0)])
+
+
+def c_mark_unknown_group():
+    _engine_with(_param(4, 3)).mark("conv9", [0])
+
+
+def c_mark_out_of_range():
+    _engine_with(_param(4, 3)).mark("g", [7])
+
+
+def c_mark_nonfinite():
+    w = _param(4, 3)
+    with torch.no_grad():
+        w[1, 0] = float("nan")
+    _engine_with(w).mark("g", [1])
+
+
+def c_load_other_shape():
+    sd = _engine_with(_param(4, 3)).state_dict()
+    _engine_with(_param(6, 3)).load_state_dict(sd)
+
+
+def c_load_other_steps():
+    w = _param(4, 3)
+    sd = _engine_with(w, steps=3).state_dict()
+    _engine_with(w, steps=5).load_state_dict(sd)
+
+
+def c_attach_twice():
+    w = _param(4, 3)
+    e = _engine_with(w)
+    e.attach(torch.optim.SGD([w], lr=0.1))
+    e.attach(torch.optim.SGD([w], lr=0.1))
+
+
+CASES = [
+    ("config-steps-zero", "`DecayConfig(steps=0)`", c_steps_zero, ValueError,
+     "DecayConfig.steps must be an int >= 1"),
+    ("config-steps-float", "`DecayConfig(steps=2.5)`", c_steps_float, ValueError,
+     "DecayConfig.steps must be an int >= 1"),
+    ("config-t-len-negative", "`DecayConfig(t_len=-1)`", c_t_len_negative, ValueError,
+     "DecayConfig.t_len must be >= 0"),
+    ("config-t-rate-nan", "`DecayConfig(t_rate=nan)`", c_t_rate_nan, ValueError,
+     "DecayConfig.t_rate must be a finite float"),
+    ("engine-dict-config", "`DecayEngine({'steps': 5})`", c_engine_dict_config, TypeError,
+     "DecayEngine expects a dpm_core.DecayConfig"),
+    ("group-m-mismatch", "slices with 4 and 5 channels in one group", c_m_mismatch,
+     ValueError, "all slices must agree on M"),
+    ("group-non-leaf", "a computed tensor (`w * 2`) as a slice", c_non_leaf, ValueError,
+     "is not a leaf tensor"),
+    ("group-duplicate", "the same group name twice", c_duplicate_group, ValueError,
+     "already exists"),
+    ("group-index-range", "an index slice pointing past the tensor", c_index_out_of_range,
+     ValueError, "index values must lie in [0, 6)"),
+    ("attach-missing-params", "attaching an optimizer that does not hold the group",
+     c_optimizer_missing_params, ValueError, "is not among the attached optimizer's parameters"),
+    ("add-group-after-attach", "adding a group the attached optimizer does not hold",
+     c_add_group_after_attach_missing, ValueError,
+     "is not among the attached optimizer's parameters"),
+    ("attach-twice", "attaching a second optimizer without removing the first",
+     c_attach_twice, RuntimeError, "already attached to another optimizer"),
+    ("mark-unknown-group", "`mark('conv9', ...)` for a group never added",
+     c_mark_unknown_group, KeyError, "no group named 'conv9'"),
+    ("mark-out-of-range", "`mark('g', [7])` on a 4-channel group", c_mark_out_of_range,
+     ValueError, "channel indices must lie in [0, 4)"),
+    ("mark-nonfinite", "marking a channel whose weights hold NaN", c_mark_nonfinite,
+     ValueError, "have non-finite weights"),
+    ("load-other-shape", "engine `load_state_dict` into a model of another shape",
+     c_load_other_shape, ValueError, "does not match this model's"),
+    ("load-other-steps", "engine `load_state_dict` with a different N", c_load_other_steps,
+     ValueError, "the checkpoint was made with steps=3"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_clear_error(case):
+    _id, _what, fn, exc, message = case
+    with pytest.raises(exc) as info:
+        fn()
+    assert message in str(info.value), str(info.value)
+
+
+def _readme_rows():
+    text = README.read_text()
+    m = re.search(r"<!-- bad-inputs -->(.*?)<!-- /bad-inputs -->", text, re.S)
+    assert m, "README.md lacks the <!-- bad-inputs --> table"
+    rows = []
+    for line in m.group(1).strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows.append(cells)
+    return rows
+
+
+def test_readme_table_matches_cases():
+    rows = _readme_rows()
+    expected = [[cid, what, exc.__name__, f"`{msg}`"] for cid, what, _fn, exc, msg in CASES]
+    assert rows == expected, "README bad-inputs table is out of date; regenerate with " \
+        "`python tests/test_bad_inputs.py`"
+
+
+def render_table() -> str:
+    lines = ["| case | bad input | error | message says |", "|---|---|---|---|"]
+    for cid, what, _fn, exc, msg in CASES:
+        lines.append(f"| {cid} | {what} | {exc.__name__} | `{msg}` |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # rewrite the README table from CASES
+    text = README.read_text()
+    new = re.sub(r"<!-- bad-inputs -->.*?<!-- /bad-inputs -->",
+                 "<!-- bad-inputs -->\n" + render_table() + "\n<!-- /bad-inputs -->", text,
+                 flags=re.S)
+    README.write_text(new)
+    print(f"wrote {len(CASES)} rows")
