@@ -75,7 +75,6 @@ class GatedBatchNorm(nn.Module):
                              persistent=False)
         self.scored_batches = 0
         self.skipped_batches = 0
-        self._hook = None
         self.out_area = 1  # spatial positions per channel of the last input (FLOPs estimate)
 
     @property
@@ -93,25 +92,21 @@ class GatedBatchNorm(nn.Module):
         return y * (self.g * self.mask).view(shape)
 
     # -------------------------------------------------------------- Taylor scores
-    def _accumulate(self, grad: torch.Tensor) -> None:
-        # |g * dL/dg| per channel for this backward pass. A pass with a non-finite
-        # gradient (e.g. an AMP overflow step) contributes nothing.
+    def add_score(self, grad: torch.Tensor, inv_scale: float = 1.0) -> bool:
+        """Add ``|g * grad|`` (one backward pass's gate gradient) to ``score``.
+
+        ``inv_scale`` undoes a loss scale (AMP). A non-finite pass adds nothing and is
+        counted in ``skipped_batches``. Returns whether it was added.
+        """
         contrib = (grad.detach().float() * self.g.detach().float()).abs()
-        finite = torch.isfinite(contrib).all()
-        self.score.add_(torch.where(finite, contrib, torch.zeros_like(contrib)))
-        if bool(finite):
-            self.scored_batches += 1
-        else:
+        if inv_scale != 1.0:
+            contrib = contrib * inv_scale
+        if not bool(torch.isfinite(contrib).all()):
             self.skipped_batches += 1
-
-    def start_scoring(self) -> None:
-        self.stop_scoring()
-        self._hook = self.g.register_hook(self._accumulate)
-
-    def stop_scoring(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+            return False
+        self.score.add_(contrib)
+        self.scored_batches += 1
+        return True
 
     def reset_scores(self) -> None:
         self.score.zero_()
