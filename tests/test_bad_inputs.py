@@ -120,6 +120,41 @@ def c_attach_twice():
     e.attach(torch.optim.SGD([w], lr=0.1))
 
 
+def _gd(decay=None, score=True):
+    from dpm_gatedecorator import GateDecorator
+    m = _tiny_cnn()
+    gd = GateDecorator(m, torch.randn(2, 3, 8, 8), decay=decay)
+    if score:
+        with gd.scoring():
+            m(torch.randn(4, 3, 8, 8)).sum().backward()
+    return m, gd
+
+
+def c_gd_no_bn():
+    from dpm_gatedecorator import GateDecorator
+    GateDecorator(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                nn.Flatten(), nn.Linear(4, 2)), torch.randn(2, 3, 8, 8))
+
+
+def c_gd_no_scores():
+    _gd(score=False)[1].prune(2)
+
+
+def c_gd_too_many():
+    _gd()[1].prune(100)
+
+
+def c_gd_decay_no_attach():
+    _gd(decay=DecayConfig())[1].prune(2)
+
+
+def c_gd_optimizer_too_early():
+    from dpm_gatedecorator import GateDecorator
+    m = _tiny_cnn()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    GateDecorator(m, torch.randn(2, 3, 8, 8), decay=DecayConfig()).attach(opt)
+
+
 CASES = [
     ("config-steps-zero", "`DecayConfig(steps=0)`", c_steps_zero, ValueError,
      "DecayConfig.steps must be an int >= 1"),
@@ -156,6 +191,16 @@ CASES = [
      c_load_other_shape, ValueError, "does not match this model's"),
     ("load-other-steps", "engine `load_state_dict` with a different N", c_load_other_steps,
      ValueError, "the checkpoint was made with steps=3"),
+    ("gd-no-batchnorm", "`GateDecorator` on a model without BatchNorm", c_gd_no_bn,
+     ValueError, "GateDecorator found no BatchNorm1d/2d/3d layer"),
+    ("gd-prune-before-scores", "`gd.prune()` before any scores were gathered",
+     c_gd_no_scores, RuntimeError, "prune() needs Taylor scores, but none were gathered"),
+    ("gd-prune-too-many", "`gd.prune(100)` beyond the minimum kept ratios", c_gd_too_many,
+     ValueError, "cannot prune 100 filters"),
+    ("gd-decay-no-attach", "`gd.prune()` with decay before `gd.attach(optimizer)`",
+     c_gd_decay_no_attach, RuntimeError, "call gd.attach(optimizer) before gd.prune()"),
+    ("gd-optimizer-too-early", "optimizer built before the gates existed",
+     c_gd_optimizer_too_early, ValueError, "the optimizer does not hold the gates"),
 ]
 
 
