@@ -217,6 +217,7 @@ class DecayEngine:
         self._old: dict[int, torch.Tensor] = {}
         self._clean: dict[str, tuple] = {}
         self._clean_copies: dict[int, torch.Tensor | None] = {}
+        self._clean_hooks: list = []
         self._zeroed_cbs: list[Callable] = []
         self._released_cbs: list[Callable] = []
         self._marked_since_step = 0
@@ -554,16 +555,35 @@ class DecayEngine:
         At the next optimizer step the engine writes these gradients back for the
         decaying channels (so their update and the SR criteria ignore the penalty) and
         computes C_len from them.
+
+        A capture is valid for the step of the iteration that made it only: if another
+        backward pass accumulates into one of its tensors first (e.g. the scaler skipped
+        that step and training went on), it is discarded rather than replayed.
         """
-        self._clean = {}
+        self._discard_clean()
         copies: dict[int, torch.Tensor | None] = {}
+        hooks = []
         for g in self._active(decaying_only=True):
             for s in g.slices:
                 if id(s.param) not in copies:
                     grad = s.param.grad
                     copies[id(s.param)] = None if grad is None else grad.clone()
+                    if s.param.requires_grad:
+                        hooks.append(s.param.register_post_accumulate_grad_hook(
+                            self._on_new_backward))
             self._clean[g.name] = (g.decaying.clone(), g.sq_norms(grad=True).sqrt())
         self._clean_copies = copies
+        self._clean_hooks = hooks
+
+    def _on_new_backward(self, param) -> None:
+        self._discard_clean()
+
+    def _discard_clean(self) -> None:
+        for h in getattr(self, "_clean_hooks", ()):
+            h.remove()
+        self._clean_hooks = []
+        self._clean = {}
+        self._clean_copies = {}
 
     def _active(self, decaying_only: bool = False):
         for g in self._groups.values():
@@ -575,7 +595,7 @@ class DecayEngine:
         self._pending = {}
         self._old = {}
         clean, copies = self._clean, self._clean_copies
-        self._clean, self._clean_copies = {}, {}
+        self._discard_clean()
         for g in self._active(decaying_only=True):
             captured = clean.get(g.name)
             if captured is not None:
@@ -757,8 +777,7 @@ class DecayEngine:
         self._marked_since_step = int(state.get("marked_since_step", 0))
         self._pending = {}
         self._old = {}
-        self._clean = {}
-        self._clean_copies = {}
+        self._discard_clean()
 
 
 def _norm_layout(x) -> tuple:

@@ -401,6 +401,29 @@ def test_without_clean_grads_penalty_hides_resistance():
     assert e.state("g").decaying[1]
 
 
+def test_capture_is_discarded_when_another_backward_comes_first():
+    # iteration 1 captures, then its step is skipped (as GradScaler does on inf);
+    # iteration 2 does not capture: its own gradient must be used, not iteration 1's
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    o = torch.optim.SGD([w], lr=0.1)
+    e = DecayEngine(DecayConfig(steps=5, self_rectify=False))
+    e.add_group("g", [(w, 0)])
+    e.attach(o)
+    e.mark("g", [1])
+    (w * torch.full((4, 3), float("inf"))).sum().backward()
+    e.capture_clean_grads()
+    # step skipped; next iteration
+    o.zero_grad()
+    (w * 2.0).sum().backward()
+    x = w.detach()[1].clone()
+    o.step()
+    assert torch.isfinite(w.detach()).all()
+    expect = (x - 0.1 * 2.0)
+    assert torch.allclose(w.detach()[1], expect * (0.8 * x.norm() / expect.norm()))
+    assert e._clean_hooks == []
+
+
 # ---------------------------------------------------------------- robustness
 def test_gradscaler_skipped_step_does_not_advance():
     w, o, e = make(steps=3, lr=0.1)
