@@ -39,6 +39,13 @@ Shims (name -> what it bridges; ``apply()`` returns the names of those it instal
     OTO saves whole pickled modules (``torch.save(model)``); since torch 2.6
     ``torch.load`` defaults to ``weights_only=True`` and refuses them. :func:`load_subnet`
     loads OTO's files with ``weights_only=False`` (only load files you wrote yourself).
+``oto_dhspg``
+    only-train-once 3.0.1's ``OTO.dhspg(...)`` does ``from .optimizer import DHSPG``, which the
+    package no longer ships (ImportError). Bridged by installing
+    ``only_train_once.optimizer.DHSPG`` = a factory that maps 3.0.1's arguments onto
+    :class:`dpm_otov2.DHSPG` (``device`` is ignored; HESSO-only knobs other than their
+    defaults are rejected). Without decay; use ``dpm_otov2.OTO`` / ``dpm_otov2.dhspg`` for
+    ``decay=``.
 ``hesso_device``
     ``HESSO.identify_redundant_groups`` builds a mask with ``.cuda()``, so HESSO fails on
     CPU-only machines and puts the mask on the wrong GPU on multi-GPU ones.
@@ -59,7 +66,6 @@ import importlib
 import importlib.metadata
 import sys
 import threading
-import types
 from typing import Any
 
 import torch
@@ -159,6 +165,21 @@ def _shim_trace_no_onnx() -> bool:
     return True
 
 
+def _shim_oto_dhspg() -> bool:
+    """``only_train_once.optimizer.DHSPG`` (dropped in 3.x, still used by OTO.dhspg)."""
+    import only_train_once
+    import only_train_once.optimizer as optmod
+
+    if hasattr(optmod, "DHSPG"):
+        return False
+    if not callable(getattr(only_train_once.OTO, "dhspg", None)):
+        return False  # nothing calls it
+    from .optim import _oto_dhspg_factory
+
+    optmod.DHSPG = _oto_dhspg_factory
+    return True
+
+
 _orig_cuda = torch.Tensor.cuda
 _device_local = threading.local()
 
@@ -203,10 +224,16 @@ def params_device(device: torch.device | str):
 
 
 def _legacy_export(orig, model, args=(), f=None, *rest, **kwargs):
+    import warnings
+
     kwargs.setdefault("dynamo", False)
     if isinstance(args, torch.Tensor):
         args = (args,)
-    return orig(model, args, f, *rest, **kwargs)
+    with warnings.catch_warnings():
+        # the TorchScript exporter is chosen on purpose here (it is what OTO was written for)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        return orig(model, args, f, *rest, **kwargs)
 
 
 @contextlib.contextmanager
@@ -270,6 +297,8 @@ def apply() -> list[str]:
                                   f"({type(e).__name__}: {e})") from e
         if _shim_trace_no_onnx():
             _applied.append("trace_no_onnx")
+        if _shim_oto_dhspg():
+            _applied.append("oto_dhspg")
         for name in ("OTO",):
             if not hasattr(only_train_once, name):
                 raise _fail("import", f"only_train_once has no {name}")

@@ -1,0 +1,698 @@
+"""DHSPG: OTOv2's Dual Half-Space Projected Gradient, with optional Decay Pruning.
+
+Written from the OTOv2 paper (Chen et al., "OTOv2: Automatic, Generic, User-Friendly",
+ICLR 2023, Algorithm 2) on only-train-once 3.0.1's param groups. Per step ``t``:
+
+1. *Gradient estimate.* ``d = grad`` (+ ``weight_decay * x`` unless ``adamw``), then SGD
+   momentum (``buf = m * buf + (1 - dampening) * d``) or Adam's bias-corrected
+   ``m_hat / (sqrt(v_hat) + 1e-8)``. Every parameter takes the trial step
+   ``x_hat = x - lr * d`` (``adamw`` also ``- lr * weight_decay * x``).
+2. *Partition* (once, at ``partition_step``). Every zero-invariant group (ZIG, see
+   :mod:`dpm_otov2.zig`) gets a redundancy score ``0.5 * cos(-x, -d) / ||cos|| +
+   0.5 * (1 / avg|x|) / ||1 / avg|x|||`` (avg|x| = ||x|| / row width; the norms are over all
+   ZIGs of the model). The ``K = int(total * min(target + tolerance, 0.999))`` highest scores
+   form G_p, the magnitude-penalised groups; the rest G_np. Per OTO group the number of kept
+   (G_np) ZIGs is rounded to a multiple of ``group_divisible`` (groups with
+   ``num_groups <= group_divisible`` are never penalised).
+3. *Penalty* (G_p, until the target group sparsity is reached).
+   ``x_hat -= lr * lambda_g * x / ||x||`` with ``lambda_g = lmbda``, except, from
+   ``warm_up_steps`` on, for ZIGs whose gradient pushes them outwards (``<x, d> < 0``):
+   ``lambda_g = clip(lmbda_amplify * (-<x, d> / ||x||), lmbda, lmbda * hat_lmbda_coeff)``;
+   the lower bound makes the step shrink ``||x||``, and if ``lambda_g`` reaches the upper
+   bound ``||d||^2 ||x|| / -<x, d>`` (beyond which ``-(d + lambda_g x/||x||)`` stops being a
+   descent direction of f) it becomes the mid-point of the two bounds.
+4. *Half-space projection* (G_p, from ``half_space_project_steps`` and ``warm_up_steps``
+   on): a ZIG whose trial point left the half-space, ``<x_hat, x> < epsilon * ||x||^2``, is
+   set to exactly 0 in one step and, with ``fixed_zero_groups``, never updated again.
+
+``decay=DecayConfig(...)`` replaces the single-step projection of 4. by the Decay Pruning
+Method (paper section 4.1): a ZIG the projection would zero instead takes its penalty-free
+trial step and is marked in a :class:`dpm_core.DecayEngine` (right after this step, so
+``L_init`` is its norm then); over the next N steps the engine scales it to
+``(N - n) / N * L_init`` (Smooth Pruning) and it ends exactly 0 (then stays 0 and
+``construct_subnet`` removes it). Decaying ZIGs are *excluded from the group-sparsity
+penalty* when their update is computed (we do not use ``engine.capture_clean_grads()``:
+DHSPG never writes its penalty into ``.grad``, it adds it to the trial point, so leaving it
+out for decaying ZIGs makes both their update and the engine's Self-Rectifying criteria
+C_rate / C_len penalty-free, as section 3.2 "Special Situations" asks). Released ZIGs leave
+G_p and train normally; G_p is topped up to K at the next step from G_np (best redundancy
+scores), skipping ZIGs released less than ``release_cooldown`` steps ago, and again every
+``release_cooldown`` steps while it is short and the target is not reached, so a released
+ZIG may be classified redundant again later. Decaying ZIGs count towards the target.
+
+Differences to the 2.0.16 package (documented, deliberate): the per-group
+``upper_group_sparsity`` cap of the projection (1.0 = no cap in all shipped configs) is not
+supported; the optimizer is deterministic (no ``randperm``), and runs on any device.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch.optim.optimizer import Optimizer
+
+from .zig import Zig, build_zigs
+
+__all__ = ["DHSPG", "DEFAULT_OPT_PARAMS", "dhspg"]
+
+#: Defaults per variant (the values only-train-once ships for DHSPG).
+DEFAULT_OPT_PARAMS = {
+    "sgd": dict(first_momentum=0.0, second_momentum=0.0, dampening=0.0, weight_decay=0.0,
+                lmbda=1e-3, lmbda_amplify=2.0, hat_lmbda_coeff=10.0),
+    "adam": dict(first_momentum=0.9, second_momentum=0.999, dampening=0.0, weight_decay=0.0,
+                 lmbda=1e-2, lmbda_amplify=20.0, hat_lmbda_coeff=1e3),
+    "adamw": dict(first_momentum=0.9, second_momentum=0.999, dampening=0.0, weight_decay=1e-2,
+                  lmbda=1e-2, lmbda_amplify=20.0, hat_lmbda_coeff=1e3),
+}
+
+_STATE_VERSION = 1
+_SAFE = 1e-8
+
+
+def _check_num(name, value, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (integer and not isinstance(value, int)) or not math.isfinite(value):
+        kind = "an int" if integer else "a finite number"
+        raise ValueError(f"DHSPG: {name} must be {kind}, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"DHSPG: {name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ValueError(f"DHSPG: {name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+    return value
+
+
+class DHSPG(Optimizer):
+    """Dual Half-Space Projected Gradient on OTO param groups (see the module docstring).
+
+    Args:
+        params: ``oto._graph.get_param_groups()`` (all of them: non-prunable groups train
+            as with the base optimizer; auxiliary groups are handled with their stems).
+        variant: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr: learning rate.
+        first_momentum / momentum: SGD momentum or Adam beta1 (``momentum`` is an alias).
+        second_momentum: Adam beta2.
+        dampening: SGD dampening.
+        weight_decay: L2 (coupled for sgd/adam, decoupled for adamw).
+        lmbda, lmbda_amplify, hat_lmbda_coeff: group-sparsity penalty and its adaptation.
+        epsilon: half-space projection threshold in [0, 1).
+        target_group_sparsity: fraction of ZIGs to zero, in [0, 1).
+        tolerance_group_sparsity: extra fraction in G_p.
+        start_pruning_step: default for ``partition_step`` and ``half_space_project_steps``.
+            (``start_pruning_steps``, the 2.0.x name, is accepted too.)
+        partition_step: step at which ZIGs are split into G_p / G_np.
+        half_space_project_steps: first step of the half-space projection.
+        warm_up_steps: steps with a fixed lambda and no projection.
+        group_divisible: kept ZIGs per OTO group are a multiple of this.
+        fixed_zero_groups: keep zero ZIGs at exactly 0.
+        decay: ``None`` (single-step projection, the original) or a
+            :class:`dpm_core.DecayConfig` / :class:`dpm_core.DecayEngine` (Decay Pruning).
+        release_cooldown: steps a released ZIG stays out of G_p (default ``4 * N``).
+    """
+
+    def __init__(self, params, variant: str = "sgd", lr: float = 0.1, first_momentum=None,
+                 second_momentum=None, dampening=None, weight_decay=None, lmbda=None,
+                 lmbda_amplify=None, hat_lmbda_coeff=None, epsilon: float = 0.0,
+                 target_group_sparsity: float = 0.5, tolerance_group_sparsity: float = 0.05,
+                 start_pruning_step: int = 0, partition_step=None,
+                 half_space_project_steps=None, warm_up_steps: int = 0,
+                 group_divisible: int = 1, fixed_zero_groups: bool = True, decay=None,
+                 release_cooldown=None, momentum=None, start_pruning_steps=None):
+        if variant not in DEFAULT_OPT_PARAMS:
+            raise ValueError(f"DHSPG: variant must be one of {sorted(DEFAULT_OPT_PARAMS)}, "
+                             f"got {variant!r}")
+        if momentum is not None:
+            if first_momentum is not None and first_momentum != momentum:
+                raise ValueError("DHSPG: give either momentum or first_momentum, not both")
+            first_momentum = momentum
+        if start_pruning_steps is not None:
+            start_pruning_step = start_pruning_steps
+        d = DEFAULT_OPT_PARAMS[variant]
+        pick = lambda v, k: d[k] if v is None else v  # noqa: E731
+        first_momentum = pick(first_momentum, "first_momentum")
+        second_momentum = pick(second_momentum, "second_momentum")
+        dampening = pick(dampening, "dampening")
+        weight_decay = pick(weight_decay, "weight_decay")
+        lmbda = pick(lmbda, "lmbda")
+        lmbda_amplify = pick(lmbda_amplify, "lmbda_amplify")
+        hat_lmbda_coeff = pick(hat_lmbda_coeff, "hat_lmbda_coeff")
+        _check_num("lr", lr, lo=0.0)
+        _check_num("first_momentum", first_momentum, lo=0.0, hi=1.0, hi_open=True)
+        _check_num("second_momentum", second_momentum, lo=0.0, hi=1.0, hi_open=True)
+        _check_num("dampening", dampening, lo=0.0, hi=1.0)
+        _check_num("weight_decay", weight_decay, lo=0.0)
+        _check_num("lmbda", lmbda, lo=0.0)
+        _check_num("lmbda_amplify", lmbda_amplify, lo=0.0)
+        _check_num("hat_lmbda_coeff", hat_lmbda_coeff, lo=1.0)
+        _check_num("epsilon", epsilon, lo=0.0, hi=1.0, hi_open=True)
+        _check_num("target_group_sparsity", target_group_sparsity, lo=0.0, hi=1.0, hi_open=True)
+        _check_num("tolerance_group_sparsity", tolerance_group_sparsity, lo=0.0, hi=1.0)
+        _check_num("start_pruning_step", start_pruning_step, lo=0, integer=True)
+        partition_step = start_pruning_step if partition_step is None else partition_step
+        half_space_project_steps = (start_pruning_step if half_space_project_steps is None
+                                    else half_space_project_steps)
+        _check_num("partition_step", partition_step, lo=0, integer=True)
+        _check_num("half_space_project_steps", half_space_project_steps, lo=0, integer=True)
+        _check_num("warm_up_steps", warm_up_steps, lo=0, integer=True)
+        _check_num("group_divisible", group_divisible, lo=1, integer=True)
+        if not isinstance(fixed_zero_groups, bool):
+            raise ValueError(f"DHSPG: fixed_zero_groups must be True or False, "
+                             f"got {fixed_zero_groups!r}")
+
+        groups = self._check_param_groups(params)
+        defaults = dict(lr=lr, variant=variant, first_momentum=first_momentum,
+                        second_momentum=second_momentum, dampening=dampening,
+                        weight_decay=weight_decay, lmbda=lmbda, lmbda_amplify=lmbda_amplify,
+                        hat_lmbda_coeff=hat_lmbda_coeff, epsilon=epsilon)
+        super().__init__(groups, defaults)
+
+        self.target_group_sparsity = float(target_group_sparsity)
+        self.tolerance_group_sparsity = float(tolerance_group_sparsity)
+        self.partition_step = partition_step
+        self.half_space_project_steps = half_space_project_steps
+        self.warm_up_steps = warm_up_steps
+        self.group_divisible = group_divisible
+        self.fixed_zero_groups = fixed_zero_groups
+
+        self.zigs: list[Zig] = build_zigs(self.param_groups)
+        self.total_num_groups = sum(z.m for z in self.zigs)
+        if self.total_num_groups == 0:
+            warnings.warn("DHSPG: no prunable zero-invariant group among the param groups; "
+                          "it will train like the base optimizer", RuntimeWarning)
+        self.target_num_zero_groups = math.ceil(self.total_num_groups
+                                                * self.target_group_sparsity - 1e-9)
+        self.K = int(self.total_num_groups * min(target_group_sparsity
+                                                 + tolerance_group_sparsity, 0.999))
+        self.num_steps = 0
+        self.partitioned = False
+        self._gp = {z.name: torch.zeros(z.m, dtype=torch.bool, device=z.params()[0].device)
+                    for z in self.zigs}
+        self._released_at = {z.name: torch.full((z.m,), -(2 ** 62), dtype=torch.int64,
+                                                device=z.params()[0].device)
+                             for z in self.zigs}
+        self._needs_refill = False
+        self._next_refill = 0
+        self._pending_marks: dict[str, torch.Tensor] = {}
+        self.curr_group_sparsity = 0.0
+        self.curr_num_zero_groups = 0
+        self.num_released = 0
+        self._zero = {z.name: torch.zeros(z.m, dtype=torch.bool) for z in self.zigs}
+        self._nzero = {z.name: 0 for z in self.zigs}
+        self._gp_count = {z.name: 0 for z in self.zigs}
+        self._num_decaying = 0
+        self._seen_zeroed = 0
+
+        if release_cooldown is not None:
+            _check_num("release_cooldown", release_cooldown, lo=0, integer=True)
+        self.engine = None
+        self._engine_handle = None
+        if decay is not None:
+            self._setup_engine(decay)
+        if release_cooldown is None:
+            release_cooldown = 4 * self.engine.config.steps if self.engine is not None else 0
+        self.release_cooldown = release_cooldown
+        self._own_hook = self.register_step_post_hook(DHSPG._after_step)
+        self._refresh_sparsity()
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _check_param_groups(params) -> list[dict]:
+        if isinstance(params, torch.Tensor):
+            raise TypeError("DHSPG expects OTO param groups (oto._graph.get_param_groups()), "
+                            "got a single tensor")
+        try:
+            groups = list(params)
+        except TypeError:
+            raise TypeError(f"DHSPG expects OTO param groups (oto._graph.get_param_groups()), "
+                            f"got {type(params).__name__}") from None
+        if not groups:
+            raise ValueError("DHSPG got an empty list of param groups")
+        need = ("id", "num_groups", "params", "p_transform", "is_prunable", "is_auxiliary")
+        out = []
+        for i, g in enumerate(groups):
+            if not isinstance(g, dict) or any(k not in g for k in need):
+                raise TypeError(f"DHSPG expects OTO param groups, but item {i} is a "
+                                f"{type(g).__name__} without the keys {need}; pass "
+                                f"oto._graph.get_param_groups() or use dpm_otov2.dhspg(oto, ...)")
+            g = dict(g)
+            g["params"] = list(g["params"])
+            out.append(g)
+        return out
+
+    def _setup_engine(self, decay) -> None:
+        from dpm_core import DecayConfig, DecayEngine
+
+        if isinstance(decay, DecayConfig):
+            engine = DecayEngine(decay)
+        elif isinstance(decay, DecayEngine):
+            engine = decay
+        else:
+            raise TypeError(f"DHSPG: decay must be None, a dpm_core.DecayConfig or a "
+                            f"DecayEngine, got {type(decay).__name__}")
+        for z in self.zigs:
+            engine.add_group(z.name, z.engine_slices())
+        self._engine_handle = engine.attach(self)
+        engine.on_released(self._on_released)
+        self.engine = engine
+
+    # ------------------------------------------------------------------ helpers
+    def _grad_estimate(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+        grad = p.grad.detach()
+        if grad.is_sparse:
+            raise RuntimeError("DHSPG does not support sparse gradients")
+        variant = group["variant"]
+        wd = group["weight_decay"]
+        if wd and variant != "adamw":
+            grad = grad.add(p.detach(), alpha=wd)
+        state = self.state[p]
+        if variant == "sgd":
+            mom = group["first_momentum"]
+            if mom > 0:
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = grad.clone()
+                else:
+                    buf.mul_(mom).add_(grad, alpha=1.0 - group["dampening"])
+                return buf
+            return grad
+        b1, b2 = group["first_momentum"], group["second_momentum"]
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        state["exp_avg"].mul_(b1).add_(grad, alpha=1.0 - b1)
+        state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+        c1 = 1.0 - b1 ** state["step"]
+        c2 = 1.0 - b2 ** state["step"]
+        return (state["exp_avg"] / c1) / ((state["exp_avg_sq"] / c2).sqrt().add_(_SAFE))
+
+    def _zig_decaying(self, z: Zig):
+        """Bool mask of decaying ZIGs (engine), or None without decay."""
+        if self.engine is None:
+            return None
+        return self.engine.is_decaying(z.name)
+
+    def _effective_zero_count(self) -> int:
+        return self.curr_num_zero_groups + self._num_decaying
+
+    def reach_target_group_sparsity(self) -> bool:
+        """True once zero (plus, with decay, decaying) ZIGs reach the target."""
+        if self.target_num_zero_groups <= 0:
+            return True
+        return self._effective_zero_count() >= self.target_num_zero_groups
+
+    # ------------------------------------------------------------------ partition
+    def _scores(self, grads: dict) -> list[torch.Tensor]:
+        cos, inv = [], []
+        for z in self.zigs:
+            x = z.param_rows().float()
+            g = grads[z.name].float()
+            cos.append(torch.nn.functional.cosine_similarity(-x, -g, dim=1, eps=_SAFE))
+            inv.append(1.0 / (x.norm(dim=1) / max(z.width, 1) + 1e-6))
+        cos_all, inv_all = torch.cat(cos), torch.cat(inv)
+        cn = cos_all.norm().clamp_min(_SAFE)
+        inn = inv_all.norm().clamp_min(_SAFE)
+        out, start = [], 0
+        for z in self.zigs:
+            sl = slice(start, start + z.m)
+            out.append(0.5 * cos_all[sl] / cn + 0.5 * inv_all[sl] / inn)
+            start += z.m
+        return out
+
+    def _partition(self, grads: dict) -> None:
+        """Choose G_p (see module docstring); keeps zero/decaying ZIGs in G_p."""
+        if not self.zigs:
+            self.partitioned = True
+            return
+        scores = self._scores(grads)
+        forced_in, forced_out = [], []
+        for z, s in zip(self.zigs, scores):
+            x_norm = z.param_rows().float().norm(dim=1)
+            fin = (x_norm == 0) | self._gp[z.name] if self.partitioned else (x_norm == 0)
+            dec = self._zig_decaying(z)
+            if dec is not None:
+                fin = fin | dec
+            fout = (self.num_steps - self._released_at[z.name]) < self.release_cooldown
+            fout = fout & ~fin
+            forced_in.append(fin)
+            forced_out.append(fout)
+        big = torch.finfo(torch.float32).max
+        eff = [torch.where(fi, torch.full_like(s, big),
+                           torch.where(fo, torch.full_like(s, -big), s))
+               for s, fi, fo in zip(scores, forced_in, forced_out)]
+        allscores = torch.cat([e.to(eff[0].device) for e in eff])
+        k = min(self.K, allscores.numel())
+        # deterministic top-k: stable sort, descending score, ties by position
+        order = torch.sort(allscores, descending=True, stable=True).indices[:k]
+        chosen = torch.zeros(allscores.numel(), dtype=torch.bool, device=allscores.device)
+        chosen[order] = True
+        chosen &= allscores > -big
+        start = 0
+        for z, e, fin in zip(self.zigs, eff, forced_in):
+            sel = chosen[start:start + z.m].to(e.device)
+            start += z.m
+            dvs = self.group_divisible
+            if z.m <= dvs:
+                sel = fin.clone()
+            elif dvs > 1:
+                keep = z.m - int(sel.sum())
+                keep = min(max(round(keep / dvs), 1) * dvs, z.m)
+                # keep the `keep` least redundant ZIGs, penalise the rest
+                kept = torch.sort(e, descending=False, stable=True).indices[:keep]
+                sel = torch.ones(z.m, dtype=torch.bool, device=e.device)
+                sel[kept] = False
+                sel |= fin
+            self._gp[z.name] = sel
+            self._gp_count[z.name] = int(sel.sum())
+        self.partitioned = True
+        self._needs_refill = False
+        self._next_refill = self.num_steps + max(1, self.release_cooldown)
+
+    def _refill_due(self) -> bool:
+        """Top up G_p after releases: at once, then every ``release_cooldown`` steps while
+        G_p (which includes the zero and decaying ZIGs) is short of K and the target is not
+        reached, so ZIGs whose cooldown ended can be classified redundant again."""
+        if not self.partitioned or self.engine is None:
+            return False
+        if not (self._needs_refill or self.num_steps >= self._next_refill):
+            return False
+        if sum(self._gp_count.values()) >= self.K or self.reach_target_group_sparsity():
+            return False
+        return True
+
+    def _on_released(self, name: str, channels: torch.Tensor) -> None:
+        self._gp[name][channels] = False
+        self._gp_count[name] = int(self._gp[name].sum())
+        self._released_at[name][channels] = self.num_steps
+        self.num_released += int(channels.numel())
+        self._needs_refill = True
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.num_steps += 1
+        t = self.num_steps - 1  # steps taken before this one
+
+        # 1. gradient estimates (+ partition / refill of G_p, on pre-step weights)
+        est: dict[int, torch.Tensor] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    est[id(p)] = self._grad_estimate(group, p)
+        if self.zigs and ((not self.partitioned and t >= self.partition_step)
+                          or self._refill_due()):
+            self._partition({z.name: z.rows([est.get(id(p)) for p in z.params()])
+                             for z in self.zigs})
+        penalise = self.partitioned and not self.reach_target_group_sparsity()
+        project = penalise and t >= self.half_space_project_steps and t >= self.warm_up_steps
+        adaptive = t >= self.warm_up_steps
+        fix_zero = self.fixed_zero_groups or t > self.half_space_project_steps
+        active = [z for z in self.zigs
+                  if (penalise and self._gp_count[z.name] > 0) or self._nzero[z.name] > 0]
+        x_rows = {z.name: z.param_rows() for z in active}
+
+        # 2. trial step x_hat = x - lr * d for every parameter
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                e = est.get(id(p))
+                if e is None:
+                    continue
+                if wd and group["variant"] == "adamw":
+                    p.mul_(1.0 - lr * wd)
+                p.add_(e, alpha=-lr)
+
+        # 3. ZIGs: penalty on G_p, half-space projection (or decay marks), fixed zeros
+        for z in active:
+            group = self.param_groups[z.group_index]
+            x = x_rows[z.name]
+            x_norm = x.norm(dim=1)
+            zero = x_norm == 0
+            hat = z.param_rows()
+            pen = None
+            if penalise and self._gp_count[z.name] > 0:
+                pen = self._gp[z.name] & ~zero
+                dec = self._zig_decaying(z)
+                if dec is not None:
+                    pen &= ~dec  # decaying ZIGs: penalty-free update (SR criteria too)
+            if pen is not None:
+                d = z.rows([est.get(id(p)) for p in z.params()])
+                lam = self._lambdas(group, x, d, x_norm, pen, adaptive)
+                safe = torch.where(pen, x_norm, torch.ones_like(x_norm))
+                penalised = hat - (group["lr"] * lam / safe).unsqueeze(1) * x
+                use = pen
+                if project:
+                    inner = (penalised * x).sum(dim=1)
+                    proj = pen & (inner < group["epsilon"] * x_norm * x_norm)
+                    if self.engine is None:
+                        penalised[proj] = 0.0  # the single-step half-space projection
+                    else:
+                        use = pen & ~proj  # projected ZIGs keep their penalty-free step
+                        prev = self._pending_marks.get(z.name)
+                        self._pending_marks[z.name] = proj if prev is None else prev | proj
+                hat = torch.where(use.unsqueeze(1), penalised, hat)
+            if fix_zero:
+                hat[zero] = 0.0
+            z.write(hat)
+            self._set_zero(z, hat.norm(dim=1) == 0)
+        return loss
+
+    def _lambdas(self, group, x, d, x_norm, pen, adaptive) -> torch.Tensor:
+        lmbda = group["lmbda"]
+        lam = torch.full_like(x_norm, lmbda)
+        if not adaptive:
+            return lam
+        inner = (x * d).sum(dim=1)
+        adj = pen & (inner < 0)
+        if not bool(adj.any()):
+            return lam
+        d_norm = d.norm(dim=1)
+        one = torch.ones_like(inner)
+        safe_norm = torch.where(adj, x_norm, one)
+        safe_inner = torch.where(adj, inner, -one)
+        lower = -safe_inner / safe_norm
+        upper = d_norm * d_norm * safe_norm / (-safe_inner)
+        lam_adj = torch.clamp(group["lmbda_amplify"] * lower, min=lmbda,
+                              max=lmbda * group["hat_lmbda_coeff"])
+        lam_adj = torch.where(lam_adj >= upper, 0.5 * (lower + upper), lam_adj)
+        return torch.where(adj, lam_adj, lam)
+
+    @torch.no_grad()
+    def _after_step(self, args, kwargs) -> None:
+        # runs after the engine's own post-hook (registered later), so marks made here
+        # take effect from the next step with L_init = the norm after this step
+        eng = self.engine
+        if eng is None:
+            return
+        marked = False
+        for name, mask in self._pending_marks.items():
+            if bool(mask.any()):
+                eng.mark(name, mask)
+                marked = True
+        self._pending_marks = {}
+        if eng.counters["zeroed"] != self._seen_zeroed:
+            self._seen_zeroed = eng.counters["zeroed"]
+            for z in self.zigs:
+                self._set_zero(z, self._zero[z.name] | eng.state(z.name).zeroed)
+        if marked or self._num_decaying:
+            self._num_decaying = sum(int(eng.is_decaying(z.name).sum()) for z in self.zigs)
+
+    def _set_zero(self, z: Zig, mask: torch.Tensor) -> None:
+        n_old = self._nzero[z.name]
+        n = int(mask.sum())
+        self._zero[z.name] = mask
+        self._nzero[z.name] = n
+        self.curr_num_zero_groups += n - n_old
+        self.curr_group_sparsity = (self.curr_num_zero_groups / self.total_num_groups
+                                    if self.total_num_groups else 0.0)
+
+    def _refresh_sparsity(self) -> None:
+        """Recompute the zero masks (and decaying count) from the weights."""
+        self.curr_num_zero_groups = 0
+        for z in self.zigs:
+            self._nzero[z.name] = 0
+            self._set_zero(z, z.param_rows().norm(dim=1) == 0)
+        if self.engine is not None:
+            self._seen_zeroed = self.engine.counters["zeroed"]
+            self._num_decaying = sum(int(self.engine.is_decaying(z.name).sum())
+                                     for z in self.zigs)
+
+    # ------------------------------------------------------------------ reporting
+    def compute_group_sparsity(self) -> float:
+        """Fraction of ZIGs that are exactly zero now."""
+        self._refresh_sparsity()
+        return self.curr_group_sparsity
+
+    def compute_group_sparsity_param_norm(self):
+        """(group sparsity, sum of ZIG norms, number of zero ZIGs), like OTO's optimizers."""
+        total_norm = 0.0
+        for z in self.zigs:
+            total_norm += float(z.param_rows().float().norm(dim=1).sum())
+        self._refresh_sparsity()
+        return self.curr_group_sparsity, total_norm, self.curr_num_zero_groups
+
+    def group_masks(self) -> dict:
+        """Per OTO group id: ``{"penalised", "zero", "decaying"}`` bool masks (copies)."""
+        out = {}
+        for z in self.zigs:
+            dec = self._zig_decaying(z)
+            out[z.name] = {
+                "penalised": self._gp[z.name].clone(),
+                "zero": z.param_rows().norm(dim=1) == 0,
+                "decaying": dec.clone() if dec is not None else
+                torch.zeros(z.m, dtype=torch.bool),
+            }
+        return out
+
+    def set_learning_rate(self, lr: float) -> None:
+        _check_num("lr", lr, lo=0.0)
+        for g in self.param_groups:
+            g["lr"] = lr
+
+    def get_learning_rate(self) -> float:
+        return self.param_groups[-1]["lr"]
+
+    def _set_all(self, key, value, **chk):
+        _check_num(key, value, **chk)
+        for g in self.param_groups:
+            g[key] = value
+
+    def set_lmbda(self, v):
+        self._set_all("lmbda", v, lo=0.0)
+
+    def get_lmbda(self):
+        return self.param_groups[-1]["lmbda"]
+
+    def set_lmbda_amplify(self, v):
+        self._set_all("lmbda_amplify", v, lo=0.0)
+
+    def get_lmbda_amplify(self):
+        return self.param_groups[-1]["lmbda_amplify"]
+
+    def set_hat_lmbda_coeff(self, v):
+        self._set_all("hat_lmbda_coeff", v, lo=1.0)
+
+    def get_hat_lmbda_coeff(self):
+        return self.param_groups[-1]["hat_lmbda_coeff"]
+
+    def set_eps(self, v):
+        self._set_all("epsilon", v, lo=0.0, hi=1.0, hi_open=True)
+
+    def get_eps(self):
+        return max(g["epsilon"] for g in self.param_groups)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        """Optimizer state + DHSPG's partition/step state + the decay engine's state."""
+        sd = super().state_dict()
+        sd["dhspg"] = {
+            "version": _STATE_VERSION,
+            "num_steps": self.num_steps,
+            "partitioned": self.partitioned,
+            "needs_refill": self._needs_refill,
+            "next_refill": self._next_refill,
+            "num_released": self.num_released,
+            "zigs": [(z.name, z.m, z.width) for z in self.zigs],
+            "gp": {k: v.cpu().clone() for k, v in self._gp.items()},
+            "released_at": {k: v.cpu().clone() for k, v in self._released_at.items()},
+            "pending_marks": {k: v.cpu().clone() for k, v in self._pending_marks.items()},
+            "engine": None if self.engine is None else self.engine.state_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "dhspg" not in state_dict:
+            raise ValueError("DHSPG.load_state_dict: not a DHSPG state_dict (no 'dhspg' "
+                             "entry); save it with DHSPG.state_dict()")
+        sd = dict(state_dict)
+        extra = sd.pop("dhspg")
+        if extra.get("version") != _STATE_VERSION:
+            raise ValueError(f"DHSPG.load_state_dict: state version {extra.get('version')} "
+                             f"is not {_STATE_VERSION}")
+        mine = [(z.name, z.m, z.width) for z in self.zigs]
+        saved = [tuple(x) for x in extra["zigs"]]
+        if saved != mine:
+            diff = [(a, b) for a, b in zip(saved, mine) if a != b][:3]
+            raise ValueError(f"DHSPG.load_state_dict: the checkpoint's zero-invariant groups "
+                             f"({len(saved)}) do not match this model's ({len(mine)}); first "
+                             f"differences (saved, here): {diff}. Load into the same "
+                             f"(unpruned) model architecture")
+        if (extra["engine"] is None) != (self.engine is None):
+            raise ValueError("DHSPG.load_state_dict: the checkpoint was saved "
+                             f"{'with' if extra['engine'] is not None else 'without'} decay, "
+                             f"this optimizer is built "
+                             f"{'with' if self.engine is not None else 'without'}; use the "
+                             f"same decay setting to resume")
+        super().load_state_dict(sd)
+        self.num_steps = int(extra["num_steps"])
+        self.partitioned = bool(extra["partitioned"])
+        self._needs_refill = bool(extra["needs_refill"])
+        self._next_refill = int(extra["next_refill"])
+        self.num_released = int(extra["num_released"])
+        for z in self.zigs:
+            dev = z.params()[0].device
+            self._gp[z.name] = extra["gp"][z.name].to(dev, torch.bool).clone()
+            self._gp_count[z.name] = int(self._gp[z.name].sum())
+            self._released_at[z.name] = extra["released_at"][z.name].to(dev).clone()
+        self._pending_marks = {k: v.to(self._gp[k].device) for k, v in
+                               extra["pending_marks"].items()}
+        if self.engine is not None:
+            self.engine.load_state_dict(extra["engine"])
+        self._refresh_sparsity()
+
+
+def dhspg(oto, lr: float = 0.1, *, decay=None, device=None, pruning_steps=None,
+          pruning_periods=None, importance_score_criteria=None, **kwargs) -> DHSPG:
+    """Drop-in for ``oto.dhspg(...)``: a :class:`DHSPG` over ``oto``'s zero-invariant groups.
+
+    Accepts the keyword names of both only-train-once 2.0.x (``start_pruning_steps``,
+    ``half_space_project_steps``, ``epsilon``, ``lmbda``, ...) and 3.0.1 (``start_pruning_step``,
+    ``tolerance_group_sparsity``, ...). ``device`` is ignored (DHSPG follows the parameters);
+    3.0.1's HESSO-only knobs ``pruning_steps``, ``pruning_periods`` and
+    ``importance_score_criteria`` have no meaning for DHSPG and are rejected when set.
+    ``decay``: ``None`` for the original single-step projection, or a
+    :class:`dpm_core.DecayConfig` for the Decay Pruning Method.
+    """
+    graph = getattr(oto, "_graph", None)
+    if graph is None or not hasattr(graph, "get_param_groups"):
+        raise TypeError(f"dhspg() expects an only_train_once.OTO built with a model and a "
+                        f"dummy input, got {type(oto).__name__}")
+    for name, v in (("pruning_steps", pruning_steps), ("pruning_periods", pruning_periods),
+                    ("importance_score_criteria", importance_score_criteria)):
+        if v not in (None, 1, "default"):
+            raise ValueError(f"dhspg(): {name} is a HESSO setting; DHSPG prunes by "
+                             f"half-space projection (use start_pruning_step / "
+                             f"half_space_project_steps), or use dpm_otov2.hesso(...)")
+    opt = DHSPG(graph.get_param_groups(), lr=lr, decay=decay, **kwargs)
+    oto._optimizer = opt
+    return opt
+
+
+def _oto_dhspg_factory(params, lr=0.1, weight_decay=None, first_momentum=None,
+                       second_momentum=None, dampening=None, variant="sgd",
+                       target_group_sparsity=0.5, tolerance_group_sparsity=0.01,
+                       start_pruning_step=0, pruning_periods=1, pruning_steps=1,
+                       group_divisible=1, fixed_zero_groups=True,
+                       importance_score_criteria="default", device=None, **kwargs) -> DHSPG:
+    """What only-train-once 3.0.1's ``OTO.dhspg`` calls as ``optimizer.DHSPG(...)``.
+
+    Installed as ``only_train_once.optimizer.DHSPG`` by the ``oto_dhspg`` shim, so that an
+    unchanged ``only_train_once.OTO(...).dhspg(...)`` builds a :class:`DHSPG` (without decay).
+    """
+    for name, v in (("pruning_steps", pruning_steps), ("pruning_periods", pruning_periods),
+                    ("importance_score_criteria", importance_score_criteria)):
+        if v not in (None, 1, "default"):
+            raise ValueError(f"OTO.dhspg(): {name} is a HESSO setting; DHSPG prunes by "
+                             f"half-space projection (use oto.hesso(...) for HESSO)")
+    return DHSPG(params, variant=variant, lr=lr, first_momentum=first_momentum,
+                 second_momentum=second_momentum, dampening=dampening,
+                 weight_decay=weight_decay, target_group_sparsity=target_group_sparsity,
+                 tolerance_group_sparsity=tolerance_group_sparsity,
+                 start_pruning_step=start_pruning_step, group_divisible=group_divisible,
+                 fixed_zero_groups=fixed_zero_groups, **kwargs)

@@ -1,0 +1,59 @@
+"""``dpm_otov2.OTO``: only-train-once's ``OTO`` with working optimizers and subnet export.
+
+The one-line change for an OTO training script::
+
+    from only_train_once import OTO          # before
+    from dpm_otov2 import OTO                # after (everything else unchanged)
+
+    optimizer = oto.dhspg(lr=0.1, target_group_sparsity=0.7)                      # OTOv2
+    optimizer = oto.dhspg(lr=0.1, target_group_sparsity=0.7, decay=DecayConfig())  # + DPM
+"""
+
+from __future__ import annotations
+
+from . import compat
+
+compat.apply()
+
+import only_train_once  # noqa: E402
+
+from .optim import DHSPG, dhspg  # noqa: E402
+
+__all__ = ["OTO"]
+
+
+class OTO(only_train_once.OTO):
+    """``only_train_once.OTO`` whose ``dhspg`` / ``hesso`` accept ``decay=`` and run anywhere."""
+
+    def dhspg(self, lr: float = 0.1, *, decay=None, **kwargs) -> DHSPG:
+        """A :class:`dpm_otov2.DHSPG` over this model's zero-invariant groups.
+
+        Takes the keyword arguments of :class:`~dpm_otov2.DHSPG` (both only-train-once 2.0.x
+        and 3.0.1 spellings); ``decay=DecayConfig(...)`` turns on the Decay Pruning Method.
+        """
+        return dhspg(self, lr, decay=decay, **kwargs)
+
+    def hesso(self, lr: float = 0.1, *, decay=None, **kwargs):
+        """only-train-once's HESSO, device-agnostic, optionally with Decay Pruning."""
+        from .hesso_dpm import hesso
+
+        return hesso(self, lr, decay=decay, **kwargs)
+
+    def construct_subnet(self, *args, **kwargs):
+        """As in only-train-once; ``ckpt_format='onnx'`` uses the TorchScript exporter."""
+        with compat.legacy_onnx_export():
+            return super().construct_subnet(*args, **kwargs)
+
+    def compressed_model(self, map_location=None):
+        """Load the model ``construct_subnet`` wrote (see :func:`compat.load_subnet`)."""
+        if not self.compressed_model_path:
+            raise RuntimeError("no compressed model yet: call construct_subnet(out_dir=...) "
+                               "first")
+        return compat.load_subnet(self.compressed_model_path, map_location)
+
+    def full_group_sparse_model(self, map_location=None):
+        """Load the full group-sparse model ``construct_subnet`` wrote."""
+        if not self.full_group_sparse_model_path:
+            raise RuntimeError("no full group-sparse model yet: call "
+                               "construct_subnet(out_dir=...) first")
+        return compat.load_subnet(self.full_group_sparse_model_path, map_location)
