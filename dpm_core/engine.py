@@ -453,7 +453,8 @@ class DecayEngine:
             g.zeroed[zero_now] = True
             g.n_step[zero_now] = self.config.steps
         g.recount()
-        self._pending.pop(name, None)
+        # a pending snapshot (mark() between the step hooks) stays valid: the post-hook
+        # only acts on channels that were decaying at the pre-hook
         self._marked_since_step += int(ch.numel())
         self.counters["marked"] += int(ch.numel())
         if zero_now.numel():
@@ -500,7 +501,6 @@ class DecayEngine:
         g.zeroed[ch] = True
         g.n_step[ch] = self.config.steps
         g.recount()
-        self._pending.pop(name, None)
         g.write_zeros()
         self.counters["zeroed"] += int(ch.numel())
         for cb in self._zeroed_cbs:

@@ -23,7 +23,20 @@ __all__ = ["OTO"]
 
 
 class OTO(only_train_once.OTO):
-    """``only_train_once.OTO`` whose ``dhspg`` / ``hesso`` accept ``decay=`` and run anywhere."""
+    """``only_train_once.OTO`` whose ``dhspg`` / ``hesso`` accept ``decay=`` and run anywhere.
+
+    Unlike the original, building it leaves every module's train/eval mode as it was
+    (only-train-once traces the model in eval mode and leaves it there, so a training loop
+    that does not call ``model.train()`` would silently train BatchNorm in eval mode).
+    """
+
+    def __init__(self, model=None, dummy_input=None, *args, **kwargs):
+        modes = [(m, m.training) for m in model.modules()] if model is not None else []
+        try:
+            super().__init__(model, dummy_input, *args, **kwargs)
+        finally:
+            for m, training in modes:
+                m.train(training)
 
     def dhspg(self, lr: float = 0.1, *, decay=None, **kwargs) -> DHSPG:
         """A :class:`dpm_otov2.DHSPG` over this model's zero-invariant groups.

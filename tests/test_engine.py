@@ -401,6 +401,27 @@ def test_without_clean_grads_penalty_hides_resistance():
     assert e.state("g").decaying[1]
 
 
+def test_mark_between_step_hooks_does_not_skip_a_decay_step():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    o = torch.optim.SGD([w], lr=0.0)
+    # a post-hook registered before attach() runs between the engine's pre- and post-hook
+    o.register_step_post_hook(lambda *a: e.mark("g", [2]))
+    e = DecayEngine(DecayConfig(steps=4, self_rectify=False))
+    e.add_group("g", [(w, 0)])
+    e.attach(o)
+    e.mark("g", [0])
+    l0 = w.detach()[0].norm().item()
+    w.grad = torch.zeros_like(w)
+    o.step()
+    st = e.state("g")
+    assert st.n_step[0] == 1 and w.detach()[0].norm().item() == pytest.approx(0.75 * l0)
+    assert st.decaying[2] and st.n_step[2] == 0  # marked mid-step: starts at the next step
+    l2 = st.l_init[2].item()
+    o.step()
+    assert w.detach()[2].norm().item() == pytest.approx(0.75 * l2)
+
+
 def test_capture_is_discarded_when_another_backward_comes_first():
     # iteration 1 captures, then its step is skipped (as GradScaler does on inf);
     # iteration 2 does not capture: its own gradient must be used, not iteration 1's

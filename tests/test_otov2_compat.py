@@ -211,3 +211,16 @@ def test_shim_oto_dhspg_plain_only_train_once():
     assert opt.partition_step == 5 and opt.target_group_sparsity == 0.3
     with pytest.raises(ValueError, match="HESSO setting"):
         oto.dhspg(pruning_periods=4)
+
+
+def test_dpm_otov2_oto_keeps_train_mode():
+    import torch
+    import torch.nn as nn
+    from dpm_otov2 import OTO
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    model.train()
+    model[1].eval()  # a mixed state must come back exactly as it was
+    OTO(model, torch.randn(1, 3, 8, 8))
+    assert model.training and model[0].training and not model[1].training
