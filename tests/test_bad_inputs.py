@@ -155,6 +155,49 @@ def c_gd_optimizer_too_early():
     GateDecorator(m, torch.randn(2, 3, 8, 8), decay=DecayConfig()).attach(opt)
 
 
+def _decay_pruner(decay, model=None, inputs=None):
+    import torch_pruning as tp
+    from dpm_depgraph import DecayMetaPruner
+    m = model or _tiny_cnn()
+    return m, DecayMetaPruner(m, torch.randn(1, 3, 8, 8) if inputs is None else inputs,
+                              importance=tp.importance.MagnitudeImportance(),
+                              pruning_ratio=0.5, ignored_layers=[m[8]], decay=decay)
+
+
+def c_dg_step_before_attach():
+    _decay_pruner(DecayConfig())[1].step()
+
+
+def c_dg_foreign_optimizer():
+    _decay_pruner(DecayConfig())[1].attach(torch.optim.SGD(nn.Linear(2, 2).parameters(),
+                                                           lr=0.1))
+
+
+def c_dg_decay_dict():
+    _decay_pruner({"steps": 3})
+
+
+def c_dg_untraceable():
+    _decay_pruner(DecayConfig(), inputs=torch.randn(1, 5, 8, 8))  # 5 channels into a 3-channel conv
+
+
+def _oto():
+    from dpm_otov2 import OTO
+    return OTO(_tiny_cnn(), torch.randn(1, 3, 8, 8))
+
+
+def c_oto_decay_int():
+    _oto().dhspg(lr=0.1, target_group_sparsity=0.5, decay=5)
+
+
+def c_oto_target():
+    _oto().dhspg(lr=0.1, target_group_sparsity=1.5)
+
+
+def c_oto_variant():
+    _oto().dhspg(lr=0.1, variant="rmsprop")
+
+
 CASES = [
     ("config-steps-zero", "`DecayConfig(steps=0)`", c_steps_zero, ValueError,
      "DecayConfig.steps must be an int >= 1"),
@@ -201,6 +244,20 @@ CASES = [
      c_gd_decay_no_attach, RuntimeError, "call gd.attach(optimizer) before gd.prune()"),
     ("gd-optimizer-too-early", "optimizer built before the gates existed",
      c_gd_optimizer_too_early, ValueError, "the optimizer does not hold the gates"),
+    ("dg-step-before-attach", "decay pruner `step()` before `attach(optimizer)`",
+     c_dg_step_before_attach, RuntimeError, "step() before attach(): call pruner.attach"),
+    ("dg-foreign-optimizer", "decay pruner attached to an optimizer of another model",
+     c_dg_foreign_optimizer, ValueError, "the optimizer holds none of the model's parameters"),
+    ("dg-decay-dict", "decay pruner with `decay={'steps': 3}`", c_dg_decay_dict, TypeError,
+     "decay must be a dpm_core.DecayConfig, got dict"),
+    ("dg-untraceable", "decay pruner on example inputs the model cannot run",
+     c_dg_untraceable, RuntimeError, "could not trace"),
+    ("oto-decay-int", "`oto.dhspg(..., decay=5)`", c_oto_decay_int, TypeError,
+     "decay must be None, a dpm_core.DecayConfig or a DecayEngine"),
+    ("oto-target-sparsity", "`oto.dhspg(target_group_sparsity=1.5)`", c_oto_target,
+     ValueError, "target_group_sparsity must be < 1.0"),
+    ("oto-variant", "`oto.dhspg(variant='rmsprop')`", c_oto_variant, ValueError,
+     "variant must be one of ['adam', 'adamw', 'sgd']"),
 ]
 
 
