@@ -41,6 +41,8 @@ from typing import Callable, Dict, List, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.resnet import Bottleneck as _Bottleneck
+from torchvision.models.resnet import ResNet as _TVResNet
 
 __all__ = [
     "BasicBlock",
@@ -327,41 +329,40 @@ def resnet50(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) 
     return model
 
 
-def _thin_resnet50_class():
-    from torchvision.models.resnet import Bottleneck, ResNet
+class ThinResNet50(_TVResNet):
+    """torchvision ResNet-50 layout with stage widths scaled by ``width``.
 
-    class ThinResNet50(ResNet):
-        """torchvision ResNet-50 layout with stage widths scaled by ``width``."""
+    Defined at module level so that pickling the whole model works (only-train-once's
+    ``construct_subnet`` saves the model object itself).
+    """
 
-        def __init__(self, num_classes: int, width: float):
-            nn.Module.__init__(self)
-            self._norm_layer = nn.BatchNorm2d
-            self.dilation = 1
-            self.groups = 1
-            self.base_width = 64
-            self.inplanes = _scale(64, width)
-            self.conv1 = nn.Conv2d(3, self.inplanes, 7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(self.inplanes)
-            self.relu = nn.ReLU(inplace=True)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-            self.layer1 = self._make_layer(Bottleneck, _scale(64, width), 3)
-            self.layer2 = self._make_layer(Bottleneck, _scale(128, width), 4, stride=2)
-            self.layer3 = self._make_layer(Bottleneck, _scale(256, width), 6, stride=2)
-            self.layer4 = self._make_layer(Bottleneck, _scale(512, width), 3, stride=2)
-            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-            self.fc = nn.Linear(_scale(512, width) * Bottleneck.expansion, num_classes)
-            for m in self.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                elif isinstance(m, nn.BatchNorm2d):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
-
-    return ThinResNet50
+    def __init__(self, num_classes: int, width: float):
+        nn.Module.__init__(self)
+        self._norm_layer = nn.BatchNorm2d
+        self.dilation = 1
+        self.groups = 1
+        self.base_width = 64
+        self.inplanes = _scale(64, width)
+        self.conv1 = nn.Conv2d(3, self.inplanes, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(_Bottleneck, _scale(64, width), 3)
+        self.layer2 = self._make_layer(_Bottleneck, _scale(128, width), 4, stride=2)
+        self.layer3 = self._make_layer(_Bottleneck, _scale(256, width), 6, stride=2)
+        self.layer4 = self._make_layer(_Bottleneck, _scale(512, width), 3, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(_scale(512, width) * _Bottleneck.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
 
 def _ThinResNet50(num_classes: int, width: float) -> nn.Module:
-    return _thin_resnet50_class()(num_classes, width)
+    return ThinResNet50(num_classes, width)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ MODELS = {  # name: (width, input size)
     "small_cnn": (0.5, 16),
     "vgg16": (0.125, 32),
     "vgg16_bn": (0.125, 32),
-    "resnet20": (0.25, 16),  # the ResNet stand-in (residual ZIGs span several convs)
+    "resnet20": (0.25, 16),  # a small residual net (residual ZIGs span several convs)
+    "resnet50": (0.125, 32),  # the paper's ResNet-50 (Bottleneck) layout, thin
 }
 
 
@@ -188,6 +189,7 @@ def test_single_step_projection_matches_algorithm():
 @pytest.mark.parametrize("name,decay", [
     ("small_cnn", None), ("small_cnn", DPM), ("vgg16_bn", None), ("vgg16_bn", DPM),
     ("vgg16", None), ("vgg16", DPM), ("resnet20", None), ("resnet20", DPM),
+    ("resnet50", None), ("resnet50", DPM),
 ], ids=lambda v: "otov2" if v is None else ("dpm" if isinstance(v, DecayConfig) else v))
 def test_reaches_target_and_subnet_matches(name, decay, tmp_path):
     model, oto, x, y = make(name)
