@@ -1,0 +1,156 @@
+"""Torch-Pruning (DepGraph) runner (``dpm_depgraph``).
+
+Schedule (the same for original / +SP / +SR): SGD fine-tuning of the pre-trained model for
+``epochs`` epochs with a cosine learning rate from ``finetune_lr``; ``iterative_steps`` pruning
+steps, one before optimizer step 0 and then every ``prune_every`` optimizer steps, each raising
+the channel pruning ratio linearly towards ``ratio`` (Torch-Pruning's iterative schedule).
+``criterion``:
+
+* ``magnitude``: ``MetaPruner`` + ``GroupMagnitudeImportance(p=2)`` (the paper's "Group pruner
+  w/o SL");
+* ``group_sl``: ``GroupNormPruner`` with its group-norm sparse learning (``regularize`` after
+  every backward, strength ``reg``) (the paper's "Group pruner w/ SL");
+* ``bn_scale``: ``BNScalePruner`` (network slimming: BN-scale importance and L1 on BN scales).
+
+``original`` uses the Torch-Pruning class itself; each selected group is removed at once. Its
+removal goes through ``dpm_depgraph``'s removal helper so that the optimizer's momentum is
+sliced and kept exactly as the decay pruners do (so the only difference between the methods is
+the decay). ``sp`` / ``sr`` use ``DecayMetaPruner`` / ``DecayGroupNormPruner`` /
+``DecayBNScalePruner`` with ``decay=DecayConfig(...)`` and ``pruner.attach(optimizer)``; at the
+end ``pruner.finalize(force=True)`` removes what is still decaying. The final classifier is
+never pruned.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+
+from .base import (BaseRunner, FrameworkUnavailable, RunConfig, RunResult, SparsityTracer,
+                   decay_config, engine_summary, make_sgd, train_loop)
+
+CRITERIA = ("magnitude", "group_sl", "bn_scale")
+
+
+def _classifier(model: nn.Module):
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1:] if linears else []
+
+
+class DepGraphRunner(BaseRunner):
+    name = "depgraph"
+    package = "dpm_depgraph"
+    description = "Torch-Pruning / DepGraph pruners (MetaPruner, GroupNormPruner, BNScalePruner), dpm_depgraph"
+
+    def check_available(self) -> None:
+        super().check_available()
+        import dpm_depgraph
+
+        missing = [n for n in ("DecayMetaPruner", "DecayGroupNormPruner", "DecayBNScalePruner")
+                   if not hasattr(dpm_depgraph, n)]
+        if missing:
+            raise FrameworkUnavailable(f"framework 'depgraph' not available yet: dpm_depgraph lacks {missing}")
+
+    def _classes(self, criterion: str):
+        import torch_pruning as tp
+        import dpm_depgraph as dd
+
+        if criterion == "magnitude":
+            return tp.pruner.MetaPruner, dd.DecayMetaPruner, tp.importance.GroupMagnitudeImportance(p=2), False
+        if criterion == "group_sl":
+            return tp.pruner.GroupNormPruner, dd.DecayGroupNormPruner, tp.importance.GroupMagnitudeImportance(p=2), True
+        if criterion == "bn_scale":
+            return tp.pruner.BNScalePruner, dd.DecayBNScalePruner, tp.importance.BNScaleImportance(), True
+        raise ValueError(f"unknown depgraph criterion {criterion!r}; known: {', '.join(CRITERIA)}")
+
+    def run(self, model, loaders, method, config: RunConfig, *, example_inputs, on_epoch=None,
+            progress=True) -> RunResult:
+        cfg = config
+        train, test = loaders
+        decay = decay_config(method, cfg)
+        base_cls, decay_cls, importance, sparse_learning = self._classes(cfg.criterion)
+        kwargs = dict(importance=importance, pruning_ratio=cfg.ratio, iterative_steps=cfg.iterative_steps,
+                      global_pruning=cfg.global_pruning, ignored_layers=_classifier(model))
+        if sparse_learning:
+            kwargs["reg"] = cfg.reg
+        t0 = time.time()
+        holder = {"opt": make_sgd(model, cfg.finetune_lr, cfg.momentum, cfg.weight_decay)}
+        if decay is None:
+            pruner = base_cls(model, example_inputs, **kwargs)
+        else:
+            pruner = decay_cls(model, example_inputs, decay=decay, **kwargs)
+            pruner.attach(holder["opt"])
+        engine = getattr(pruner, "engine", None)
+        state = {"done": 0, "removal": "n/a"}
+        probe_cache: dict = {}
+
+        def original_step() -> None:
+            try:
+                from dpm_depgraph._slices import apply_removal
+            except Exception:  # pragma: no cover - fall back to Torch-Pruning's own removal
+                apply_removal = None
+            groups = list(pruner.step(interactive=True))
+            for g in groups:
+                module, fn, idxs = g[0].dep.target.module, g[0].dep.handler, list(g[0].idxs)
+                if apply_removal is not None:
+                    try:
+                        apply_removal(pruner.DG, model, module, fn, idxs, holder["opt"], probe_cache)
+                        state["removal"] = "sliced optimizer state"
+                        continue
+                    except Exception:
+                        pass
+                # Torch-Pruning's own removal: the optimizer must then be rebuilt (momentum lost)
+                pruner.DG.get_pruning_group(module, fn, idxs).prune()
+                state["removal"] = "rebuilt optimizer"
+                lr = holder["opt"].param_groups[0]["lr"]
+                holder["opt"] = make_sgd(model, lr, cfg.momentum, cfg.weight_decay)
+            if hasattr(pruner, "update_regularizer"):
+                pruner.update_regularizer()
+
+        def prune_step() -> None:
+            if state["done"] >= cfg.iterative_steps:
+                return
+            if decay is None:
+                original_step()
+            else:
+                pruner.step()
+            state["done"] += 1
+
+        tracer = SparsityTracer(lambda: model, every=cfg.trace_every, engine_getter=lambda: engine)
+        prune_step()
+        tracer(0, force=True)
+
+        def before_step(step: int) -> None:
+            if sparse_learning:
+                pruner.regularize(model)
+
+        def after_step(step: int) -> None:
+            if step % max(1, cfg.prune_every) == 0:
+                prune_step()
+            tracer(step)
+
+        def epoch_info():
+            rec = {"sparsity": tracer.sparsity(), "prune_steps_done": state["done"]}
+            if engine is not None:
+                rec["released_total"] = int(engine.counters.get("released", 0))
+                rec["zeroed_total"] = int(engine.counters.get("zeroed", 0))
+            return rec
+
+        log = train_loop(model, train, lambda: holder["opt"], epochs=cfg.epochs, base_lr=cfg.finetune_lr,
+                         test_loader=test, before_step=before_step, after_step=after_step,
+                         on_epoch=on_epoch, epoch_info=epoch_info, progress=progress,
+                         desc=f"depgraph {method}", phase="prune+finetune")
+        while state["done"] < cfg.iterative_steps:  # very short schedules: finish the pruning steps
+            prune_step()
+        final = {}
+        if decay is not None:
+            final = pruner.finalize(force=True)
+            pruner.detach()
+        tracer(len(train) * cfg.epochs, force=True)
+        counters, events = engine_summary(engine)
+        info = {"criterion": cfg.criterion, "prune_steps": state["done"], "finalize": final,
+                "original_removal": state["removal"] if decay is None else None,
+                "train_time_s": time.time() - t0}
+        return RunResult(model=model, log=log, trace=tracer.trace, counters=counters, events=events,
+                         info=info)
