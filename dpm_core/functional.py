@@ -36,9 +36,9 @@ def channel_sq_norms(t: torch.Tensor, reduce_dims: tuple[int, ...],
             n = torch.linalg.vector_norm(t, dim=reduce_dims, dtype=torch.float32)
         else:
             n = torch.linalg.vector_norm(t, dim=reduce_dims).float()
-    else:
-        n = t.detach().float().abs()
-    sq = n * n
+        sq = n * n
+    else:  # one value per channel (a bias, a BatchNorm scale): its square
+        sq = t.detach().float().square()
     if index is not None:
         sq = sq[index].sum(dim=1)
     return sq
