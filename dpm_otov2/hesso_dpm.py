@@ -55,20 +55,9 @@ class HESSO(_OTOHESSO):
         self._pending_marks: dict[str, torch.Tensor] = {}
         self.num_released = 0
         if decay is not None:
-            from dpm_core import DecayConfig, DecayEngine
+            from .optim import attach_engine
 
-            if isinstance(decay, DecayConfig):
-                engine = DecayEngine(decay)
-            elif isinstance(decay, DecayEngine):
-                engine = decay
-            else:
-                raise TypeError(f"HESSO: decay must be None, a dpm_core.DecayConfig or a "
-                                f"DecayEngine, got {type(decay).__name__}")
-            for z in self.zigs:
-                engine.add_group(z.name, z.engine_slices())
-            self._engine_handle = engine.attach(self)
-            engine.on_released(self._on_released)
-            self.engine = engine
+            self.engine, self._engine_handle = attach_engine(self, decay, "HESSO")
             self.register_step_post_hook(HESSO._after_step)
 
     def identify_redundant_groups(self):

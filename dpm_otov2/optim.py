@@ -83,6 +83,26 @@ def _check_num(name, value, lo=None, hi=None, lo_open=False, hi_open=False, inte
     return value
 
 
+def attach_engine(optimizer, decay, owner: str):
+    """The decay engine for an OTO optimizer: one engine group per ZIG group of
+    ``optimizer.zigs``, attached to the optimizer, releases reported to
+    ``optimizer._on_released``. ``decay`` is a DecayConfig or a ready DecayEngine."""
+    from dpm_core import DecayConfig, DecayEngine
+
+    if isinstance(decay, DecayConfig):
+        engine = DecayEngine(decay)
+    elif isinstance(decay, DecayEngine):
+        engine = decay
+    else:
+        raise TypeError(f"{owner}: decay must be None, a dpm_core.DecayConfig or a "
+                        f"DecayEngine, got {type(decay).__name__}")
+    for z in optimizer.zigs:
+        engine.add_group(z.name, z.engine_slices())
+    handle = engine.attach(optimizer)
+    engine.on_released(optimizer._on_released)
+    return engine, handle
+
+
 class DHSPG(Optimizer):
     """Dual Half-Space Projected Gradient on OTO param groups (see the module docstring).
 
@@ -241,20 +261,7 @@ class DHSPG(Optimizer):
         return out
 
     def _setup_engine(self, decay) -> None:
-        from dpm_core import DecayConfig, DecayEngine
-
-        if isinstance(decay, DecayConfig):
-            engine = DecayEngine(decay)
-        elif isinstance(decay, DecayEngine):
-            engine = decay
-        else:
-            raise TypeError(f"DHSPG: decay must be None, a dpm_core.DecayConfig or a "
-                            f"DecayEngine, got {type(decay).__name__}")
-        for z in self.zigs:
-            engine.add_group(z.name, z.engine_slices())
-        self._engine_handle = engine.attach(self)
-        engine.on_released(self._on_released)
-        self.engine = engine
+        self.engine, self._engine_handle = attach_engine(self, decay, "DHSPG")
 
     # ------------------------------------------------------------------ helpers
     def _grad_estimate(self, group: dict, p: torch.Tensor) -> torch.Tensor:

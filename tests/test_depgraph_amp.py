@@ -21,6 +21,7 @@ import torch_pruning as tp
 from benchmarks.models import get_model
 from dpm_core import DecayConfig
 from dpm_depgraph import DecayGroupNormPruner, DecayMetaPruner
+from state_compare import state_diff
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,21 +37,7 @@ def _data(seed: int, n: int = 8):
     return torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, 10, (n,), generator=gen)
 
 
-def _same(a, b, path="") -> list:
-    """Paths where two nested dict/list/tensor structures differ (empty: identical)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        ok = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-              and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
-        return [] if ok else [path]
-    if isinstance(a, dict) and isinstance(b, dict):
-        if a.keys() != b.keys():
-            return [path + "{keys}"]
-        return [d for k in a for d in _same(a[k], b[k], f"{path}.{k}")]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return [path + "[len]"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{path}[{i}]")]
-    return [] if a == b else [path]
+_same = state_diff
 
 
 def _decaying(pruner) -> dict:

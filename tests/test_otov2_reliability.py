@@ -25,6 +25,7 @@ from dpm_core import DecayConfig
 from dpm_otov2 import OTO
 
 from ddp_harness import run_ddp
+from state_compare import state_diff
 
 # aggressive DHSPG settings (as in test_otov2_dhspg.py) so that pruning starts within a few
 # steps; t_rate a little below the paper's 0.2-0.4 so that, on these random data, some
@@ -57,21 +58,7 @@ def _batch(gen: torch.Generator, n: int = 8):
     return torch.randn(n, 3, SIZE, SIZE, generator=gen), torch.randint(0, 10, (n,), generator=gen)
 
 
-def _same(a, b, path="") -> list:
-    """Paths where two nested dict/list/tensor structures differ (empty: identical)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        ok = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-              and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
-        return [] if ok else [path]
-    if isinstance(a, dict) and isinstance(b, dict):
-        if a.keys() != b.keys():
-            return [path + "{keys}"]
-        return [d for k in a for d in _same(a[k], b[k], f"{path}.{k}")]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return [path + "[len]"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{path}[{i}]")]
-    return [] if a == b else [path]
+_same = state_diff
 
 
 def _masks(opt) -> dict:
