@@ -24,12 +24,7 @@ from dpm_depgraph import DecayGroupNormPruner, DecayMetaPruner
 from state_compare import state_diff
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed: int, n: int = 8):

@@ -17,14 +17,7 @@ from dpm_gatedecorator import GateDecorator, GatedBatchNorm
 WIDTH = 0.25  # thin models: ResNet-56 stages 4/8/16, VGG-16-BN 16..128 channels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: one intra-op thread is faster, and far faster on a busy machine
-    # (OpenMP threads spin on oversubscribed cores). Restored after the module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> None:

@@ -3,70 +3,50 @@
 from __future__ import annotations
 
 import os
-import socket
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ddp_harness import run_ddp
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    sys.path.insert(0, ROOT)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        import torch.nn.functional as F
+def gd_worker(rank: int, world: int, out_dir: str) -> None:
+    import torch.nn.functional as F
 
-        from benchmarks.models import get_model
-        from dpm_core import DecayConfig
-        from dpm_gatedecorator import GateDecorator
+    from benchmarks.models import get_model
+    from dpm_core import DecayConfig
+    from dpm_gatedecorator import GateDecorator
 
-        torch.manual_seed(0)
-        model = get_model("resnet20", width=0.25)
-        gd = GateDecorator(model, torch.randn(1, 3, 32, 32), decay=DecayConfig(steps=3))
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-        gd.attach(opt)
-        gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
-        x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-        decisions = []
-        for step in range(7):
-            if step % 3 == 0:
-                with gd.scoring():
-                    ddp.zero_grad(set_to_none=True)
-                    F.cross_entropy(ddp(x), y).backward()
+    torch.manual_seed(0)
+    model = get_model("resnet20", width=0.25)
+    gd = GateDecorator(model, torch.randn(1, 3, 32, 32), decay=DecayConfig(steps=3))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    gd.attach(opt)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    decisions = []
+    for step in range(7):
+        if step % 3 == 0:
+            with gd.scoring():
                 ddp.zero_grad(set_to_none=True)
-                decisions.append({k: v.tolist() for k, v in gd.prune(4).items()})
-            opt.zero_grad(set_to_none=True)
-            (F.cross_entropy(ddp(x), y) + gd.gate_l1()).backward()
-            opt.step()
-        params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        masks = {n: g.mask.clone() for n, g in gd.gates.items()}
-        torch.save({"decisions": decisions, "summary": gd.summary(), "params": params,
-                    "masks": masks}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+                F.cross_entropy(ddp(x), y).backward()
+            ddp.zero_grad(set_to_none=True)
+            decisions.append({k: v.tolist() for k, v in gd.prune(4).items()})
+        opt.zero_grad(set_to_none=True)
+        (F.cross_entropy(ddp(x), y) + gd.gate_l1()).backward()
+        opt.step()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = {n: g.mask.clone() for n, g in gd.gates.items()}
+    torch.save({"decisions": decisions, "summary": gd.summary(), "params": params,
+                "masks": masks}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_ddp_ranks_take_the_same_decisions(tmp_path):
-    port = _free_port()
-    mp.start_processes(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
-    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    a, b = run_ddp("test_gatedecorator_ddp:gd_worker", tmp_path)
     assert a["decisions"] == b["decisions"] and any(a["decisions"])
     assert a["summary"] == b["summary"] and a["summary"]["masked"] > 0
     for n in a["masks"]:

@@ -17,13 +17,7 @@ from benchmarks.models import get_model
 FAST = dict(lr=0.05, lmbda=5.0, epsilon=0.5, start_pruning_step=2, target_group_sparsity=0.5)
 DPM = DecayConfig(steps=3, t_rate=0.2, t_len=0.8)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster, and much faster on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODELS = {  # name: (width, input size)

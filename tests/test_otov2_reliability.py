@@ -35,12 +35,7 @@ DECAY = DecayConfig(steps=3, t_rate=0.1, t_len=0.8)
 SIZE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(seed: int = 0, decay=DECAY, **kw):
