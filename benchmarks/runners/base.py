@@ -301,10 +301,12 @@ def engine_summary(engine) -> Tuple[Dict[str, int], List[dict]]:
 
 
 class BaseRunner:
-    """Subclasses set ``name``, ``package`` and implement :meth:`run`."""
+    """Subclasses set ``name``, ``package``, the public names ``requires`` they use from it,
+    and implement :meth:`run`."""
 
     name = "base"
     package = ""
+    requires: Tuple[str, ...] = ()
     description = ""
 
     def check_available(self) -> None:
@@ -312,11 +314,15 @@ class BaseRunner:
         import importlib
 
         try:
-            importlib.import_module(self.package)
+            module = importlib.import_module(self.package)
         except Exception as e:  # ImportError or a broken package
             raise FrameworkUnavailable(
                 f"framework {self.name!r} not available yet: cannot import {self.package} "
                 f"({type(e).__name__}: {e})") from e
+        missing = [n for n in self.requires if not hasattr(module, n)]
+        if missing:
+            raise FrameworkUnavailable(f"framework {self.name!r} not available yet: "
+                                       f"{self.package} lacks {missing}")
 
     def run(self, model: nn.Module, loaders, method: str, config: RunConfig, *,
             example_inputs: torch.Tensor, on_epoch=None, progress: bool = True) -> RunResult:

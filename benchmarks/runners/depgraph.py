@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn as nn
 
-from .base import (BaseRunner, FrameworkUnavailable, RunConfig, RunResult, SparsityTracer,
+from .base import (BaseRunner, RunConfig, RunResult, SparsityTracer,
                    decay_config, engine_summary, make_sgd, train_loop)
 
 CRITERIA = ("magnitude", "group_sl", "bn_scale")
@@ -42,15 +42,7 @@ class DepGraphRunner(BaseRunner):
     name = "depgraph"
     package = "dpm_depgraph"
     description = "Torch-Pruning / DepGraph pruners (MetaPruner, GroupNormPruner, BNScalePruner), dpm_depgraph"
-
-    def check_available(self) -> None:
-        super().check_available()
-        import dpm_depgraph
-
-        missing = [n for n in ("DecayMetaPruner", "DecayGroupNormPruner", "DecayBNScalePruner")
-                   if not hasattr(dpm_depgraph, n)]
-        if missing:
-            raise FrameworkUnavailable(f"framework 'depgraph' not available yet: dpm_depgraph lacks {missing}")
+    requires = ("DecayMetaPruner", "DecayGroupNormPruner", "DecayBNScalePruner")
 
     def _classes(self, criterion: str):
         import torch_pruning as tp

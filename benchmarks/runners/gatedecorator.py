@@ -28,15 +28,7 @@ class GateDecoratorRunner(BaseRunner):
     name = "gatedecorator"
     package = "dpm_gatedecorator"
     description = "Gate Decorator (Taylor scores on BN gates, tick-tock), dpm_gatedecorator"
-
-    def check_available(self) -> None:
-        super().check_available()
-        import dpm_gatedecorator
-        from .base import FrameworkUnavailable
-
-        if not hasattr(dpm_gatedecorator, "GateDecorator"):
-            raise FrameworkUnavailable("framework 'gatedecorator' not available yet: "
-                                       "dpm_gatedecorator has no GateDecorator")
+    requires = ("GateDecorator",)
 
     def run(self, model, loaders, method, config: RunConfig, *, example_inputs, on_epoch=None,
             progress=True) -> RunResult:

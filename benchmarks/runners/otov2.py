@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 import time
 
-from .base import (BaseRunner, FrameworkUnavailable, RunConfig, RunResult, SparsityTracer,
+from .base import (BaseRunner, RunConfig, RunResult, SparsityTracer,
                    decay_config, engine_summary, train_loop)
 
 
@@ -23,14 +23,7 @@ class OTOv2Runner(BaseRunner):
     name = "otov2"
     package = "dpm_otov2"
     description = "Only-Train-Once v2 (DHSPG, zero-invariant groups), dpm_otov2"
-
-    def check_available(self) -> None:
-        super().check_available()
-        import dpm_otov2
-
-        missing = [n for n in ("OTO", "dhspg") if not hasattr(dpm_otov2, n)]
-        if missing:
-            raise FrameworkUnavailable(f"framework 'otov2' not available yet: dpm_otov2 lacks {missing}")
+    requires = ("OTO", "dhspg")
 
     def run(self, model, loaders, method, config: RunConfig, *, example_inputs, on_epoch=None,
             progress=True) -> RunResult:
