@@ -45,8 +45,12 @@ Other rules
   to ``.grad``) makes the next step use the penalty-free gradient for decaying channels,
   for both their update and the SR criteria (section 3.2, "Special Situations").
 * Norms and criteria are computed in float32 whatever the parameters' dtype; state lives
-  on the parameters' device. Per step the work is a handful of tensor ops per slice of
-  each group that has decaying or zeroed channels; other groups are not touched.
+  on the parameters' device. Per step only groups that have decaying or zeroed channels
+  are touched: the tensors of the decaying groups are stacked by shape
+  (:class:`dpm_core.stacked.StackedLayout`, rebuilt only when the set of decaying
+  groups or their tensors change), so the kernels run once per distinct shape, not per
+  layer, and the decision math runs once over all their channels. Groups with only
+  zeroed channels get one masked fill per tensor.
 * Where one tensor element belongs to channels of two groups (a conv's input slice in
   one group, its output filter in another), both groups' scales apply to it, in
   insertion order; zeroed channels are exact zeros regardless.
@@ -54,6 +58,7 @@ Other rules
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -62,6 +67,7 @@ import torch
 
 from . import functional as F
 from .config import DecayConfig
+from .stacked import StackedLayout
 
 __all__ = ["DecayEngine", "ChannelState", "EngineHandle"]
 
@@ -92,7 +98,8 @@ class _Slice:
     positions no channel owns).
     """
 
-    __slots__ = ("param", "dim", "index", "k", "reduce_dims", "bshape", "owner")
+    __slots__ = ("param", "dim", "index", "k", "reduce_dims", "bshape", "owner",
+                 "local_owner")
 
     def __init__(self, param: torch.Tensor, dim: int, index: torch.Tensor | None, k: int):
         self.param = param
@@ -104,11 +111,16 @@ class _Slice:
         shape[dim] = -1
         self.bshape = tuple(shape)
         self.owner = None
-        if index is not None:
+        size = param.shape[dim]
+        # the channel that owns each position along dim (-1: none)
+        if index is None:
+            self.local_owner = torch.arange(size, device=param.device)
+        else:
             m = index.shape[0]
-            owner = torch.full((param.shape[dim],), m, dtype=torch.int64, device=param.device)
-            owner[index.reshape(-1)] = torch.arange(m, device=param.device).repeat_interleave(k)
-            self.owner = owner
+            local = torch.full((size,), -1, dtype=torch.int64, device=param.device)
+            local[index.reshape(-1)] = torch.arange(m, device=param.device).repeat_interleave(k)
+            self.local_owner = local
+            self.owner = torch.where(local < 0, torch.full_like(local, m), local)
 
     def positions(self, channels: torch.Tensor) -> torch.Tensor:
         """Positions along ``dim`` of ``channels``, channel-major."""
@@ -131,13 +143,17 @@ class _Slice:
         return (tuple(self.param.shape), self.dim, self.k)
 
 
+_layout_versions = itertools.count()
+
+
 class _Group:
     __slots__ = ("name", "slices", "m", "decaying", "zeroed", "n_step", "l_init",
-                 "n_decaying", "n_zeroed")
+                 "n_decaying", "n_zeroed", "version")
 
     def __init__(self, name: str, slices: list[_Slice], m: int, device: torch.device):
         self.name = name
         self.slices = slices
+        self.version = next(_layout_versions)  # changes whenever the slices change
         self.m = m
         self.decaying = torch.zeros(m, dtype=torch.bool, device=device)
         self.zeroed = torch.zeros(m, dtype=torch.bool, device=device)
@@ -214,9 +230,10 @@ class DecayEngine:
         self._optimizer: torch.optim.Optimizer | None = None
         self._handle: EngineHandle | None = None
         self._pending: dict[str, tuple] = {}
-        self._old: dict[int, torch.Tensor] = {}
+        self._step_layouts: list[StackedLayout] = []
+        self._layout_cache: dict[torch.device, StackedLayout] = {}
+        # group name -> (layout, decaying mask, clean gradient norms) of the last capture
         self._clean: dict[str, tuple] = {}
-        self._clean_copies: dict[int, torch.Tensor | None] = {}
         self._clean_hooks: list = []
         self._zeroed_cbs: list[Callable] = []
         self._released_cbs: list[Callable] = []
@@ -267,6 +284,9 @@ class DecayEngine:
             if not param.is_floating_point():
                 raise ValueError(f"group {name!r}, slice {i}: param must be floating point, "
                                  f"got {param.dtype}")
+            if param.dim() == 0:
+                raise ValueError(f"group {name!r}, slice {i}: param is a 0-dim tensor; a "
+                                 f"slice needs a dimension to hold the channels")
             if isinstance(dim, bool) or not isinstance(dim, int) \
                     or not -param.dim() <= dim < max(param.dim(), 1):
                 raise ValueError(f"group {name!r}, slice {i}: dim {dim!r} is out of range for "
@@ -366,6 +386,7 @@ class DecayEngine:
             tmp = _Group(g.name, parsed, g.m, g.device)
             self._check_held(self._optimizer, [tmp])
         g.slices = parsed
+        g.version = next(_layout_versions)
         self._pending.pop(g.name, None)
         self._clean.pop(g.name, None)
 
@@ -561,18 +582,18 @@ class DecayEngine:
         that step and training went on), it is discarded rather than replayed.
         """
         self._discard_clean()
-        copies: dict[int, torch.Tensor | None] = {}
-        hooks = []
-        for g in self._active(decaying_only=True):
-            for s in g.slices:
-                if id(s.param) not in copies:
-                    grad = s.param.grad
-                    copies[id(s.param)] = None if grad is None else grad.clone()
-                    if s.param.requires_grad:
-                        hooks.append(s.param.register_post_accumulate_grad_hook(
-                            self._on_new_backward))
-            self._clean[g.name] = (g.decaying.clone(), g.sq_norms(grad=True).sqrt())
-        self._clean_copies = copies
+        groups = list(self._active(decaying_only=True))
+        if not groups:
+            return
+        hooks, hooked = [], set()
+        for layout in self._layouts_for(groups):
+            gnorms = layout.capture_grads().sqrt().split(layout.sizes)
+            for g, gn in zip(layout.groups, gnorms):
+                self._clean[g.name] = (layout, g.decaying.clone(), gn)
+            for p in layout.params():
+                if p.requires_grad and id(p) not in hooked:
+                    hooked.add(id(p))
+                    hooks.append(p.register_post_accumulate_grad_hook(self._on_new_backward))
         self._clean_hooks = hooks
 
     def _on_new_backward(self, param) -> None:
@@ -583,50 +604,99 @@ class DecayEngine:
             h.remove()
         self._clean_hooks = []
         self._clean = {}
-        self._clean_copies = {}
 
     def _active(self, decaying_only: bool = False):
         for g in self._groups.values():
             if g.n_decaying or (not decaying_only and g.n_zeroed):
                 yield g
 
+    def _restore_clean(self, clean: dict) -> dict[str, torch.Tensor]:
+        """Write captured gradients back for the channels that were decaying at capture.
+
+        Groups whose slices changed since the capture were dropped from ``clean`` and are
+        not restored. Returns the captured gradient norms by group name.
+        """
+        gnorms: dict[str, torch.Tensor] = {}
+        layouts: dict[int, tuple] = {}
+        for name, (layout, mask, gn) in clean.items():
+            gnorms[name] = gn
+            layouts.setdefault(id(layout), (layout, {}))[1][name] = mask
+        for layout, masks in layouts.values():
+            if not layout.valid_for(layout.key):  # a tensor changed shape in place
+                continue
+            sel = torch.cat([masks[g.name] if g.name in masks else
+                             torch.zeros(g.m, dtype=torch.bool, device=layout.device)
+                             for g in layout.groups])
+            layout.restore_grads(sel)
+        return gnorms
+
+    def _layouts_for(self, groups: list[_Group]) -> list[StackedLayout]:
+        """The stacked layouts (one per device) of ``groups``, rebuilt only on change."""
+        by_device: dict[torch.device, list[_Group]] = {}
+        for g in groups:
+            by_device.setdefault(g.device, []).append(g)
+        layouts = []
+        for dev, gs in by_device.items():
+            key = tuple((g.name, g.version) for g in gs)
+            layout = self._layout_cache.get(dev)
+            if layout is None or not layout.valid_for(key):
+                layout = StackedLayout(gs)
+                self._layout_cache[dev] = layout
+            layouts.append(layout)
+        return layouts
+
     @torch.no_grad()
     def _pre_step(self, optimizer, args, kwargs) -> None:
         self._pending = {}
-        self._old = {}
-        clean, copies = self._clean, self._clean_copies
+        self._step_layouts = []
+        clean = self._clean
         self._discard_clean()
-        for g in self._active(decaying_only=True):
-            captured = clean.get(g.name)
-            if captured is not None:
-                mask, gnorm = captured
-                for s in g.slices:
-                    cg = copies.get(id(s.param))
-                    if cg is not None and s.param.grad is not None:
-                        s.param.grad.copy_(torch.where(s.expand(mask, False), cg,
-                                                       s.param.grad))
-            elif self.config.self_rectify:
-                gnorm = g.sq_norms(grad=True).sqrt()
-            else:
-                gnorm = None
-            for s in g.slices:
-                if id(s.param) not in self._old:
-                    self._old[id(s.param)] = s.param.detach().clone()
-            self._pending[g.name] = (g.decaying.clone(), gnorm)
+        groups = list(self._active(decaying_only=True))
+        if not groups:
+            self._layout_cache.clear()  # free the stacked buffers while nothing decays
+            return
+        sr = self.config.self_rectify
+        gnorms = self._restore_clean(clean)
+        self._step_layouts = self._layouts_for(groups)
+        for layout in self._step_layouts:
+            if sr:
+                if any(g.name not in gnorms for g in layout.groups):
+                    per_group = layout.grad_sq_norms().sqrt().split(layout.sizes)
+                    for g, gn in zip(layout.groups, per_group):
+                        gnorms.setdefault(g.name, gn)
+                layout.snapshot()
+            for g in layout.groups:
+                self._pending[g.name] = (g.decaying.clone(), gnorms.get(g.name))
 
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:
-        active = list(self._active())
-        pend = [(g, self._pending[g.name]) for g in active if g.name in self._pending]
+        sr = self.config.self_rectify
         released_total = zeroed_total = 0
-        if pend:
-            # measure every group before scaling any, so groups sharing a tensor all see x~
-            norms = [self._measure(g) for g, _ in pend]
-            released_total, zeroed_total = self._decay(pend, norms)
-        for g in active:
-            g.write_zeros()
+        covered: set[str] = set()
+        for layout in self._step_layouts:
+            # groups whose slices changed (or that were removed) between the hooks are
+            # skipped for this step, as their snapshot no longer matches their tensors
+            keep = [g for g in layout.groups
+                    if g.name in self._pending and self._groups.get(g.name) is g]
+            if not keep:
+                continue
+            if len(keep) != len(layout.groups):
+                narrowed = StackedLayout(keep)
+                if sr:
+                    narrowed.snapshot_from(layout)
+                layout = narrowed
+            # every group is measured before any is scaled, so groups sharing a tensor
+            # all see x~
+            norms = layout.measure(with_old=sr)
+            r, z = self._decay(layout, [self._pending[g.name] for g in layout.groups], norms)
+            released_total += r
+            zeroed_total += z
+            covered.update(g.name for g in layout.groups)
+        for g in list(self._active()):
+            if g.name not in covered:
+                g.write_zeros()
         self._pending = {}
-        self._old = {}
+        self._step_layouts = []
         self.step_count += 1
         self.counters["steps"] += 1
         decaying = sum(g.n_decaying for g in self._groups.values())
@@ -636,38 +706,30 @@ class DecayEngine:
                                 "marked": self._marked_since_step})
         self._marked_since_step = 0
 
-    def _measure(self, g: _Group) -> torch.Tensor:
-        """``[3, M]``: ``||x~||``, ``||x||`` and ``||x~ - x||`` of all channels, float32."""
-        total = None
-        for s in g.slices:
-            old = self._old[id(s.param)]
-            new = s.param.detach()
-            delta = new - old if new.dtype == torch.float32 else new.float() - old.float()
-            sq = torch.stack([s.sq_norms(new), s.sq_norms(old), s.sq_norms(delta)])
-            total = sq if total is None else total + sq
-        return total.sqrt()
+    def _decay(self, layout: StackedLayout, pend: list[tuple], norms: torch.Tensor
+               ) -> tuple[int, int]:
+        """Algorithm 2 for every channel of every group of ``layout`` in one pass.
 
-    def _decay(self, pend, norms) -> tuple[int, int]:
-        """Algorithm 2 for every channel of every active group in one vectorised pass.
-
-        Per-channel quantities of all groups are concatenated; decisions are masked to
-        the channels that were decaying at the pre-hook (and still are: ``zero_now``
-        between the hooks wins).
+        ``pend`` holds each group's pre-hook snapshot (decaying mask, gradient norms);
+        ``norms`` is ``[3, C]`` (``||x~||``, ``||x||``, ``||x~ - x||``) or, without SR,
+        ``[1, C]``. Per-channel quantities of all groups are concatenated; decisions are
+        masked to the channels that were decaying at the pre-hook (and still are:
+        ``zero_now`` between the hooks wins).
         """
         cfg = self.config
-        groups = [g for g, _ in pend]
-        sizes = [g.m for g in groups]
-        dev = groups[0].device
-        seg = torch.repeat_interleave(torch.arange(len(groups), device=dev),
-                                      torch.tensor(sizes, device=dev))
-        dec = torch.cat([p[0] for _, p in pend]) & torch.cat([g.decaying for g in groups])
-        norm_new, norm_old, norm_delta = torch.cat(norms, dim=1)
+        groups = layout.groups
+        sizes = layout.sizes
+        seg = layout.segments
+        dev = layout.device
+        dec = torch.cat([p[0] for p in pend]) & torch.cat([g.decaying for g in groups])
+        norm_new = norms[0]
         l_init = torch.cat([g.l_init for g in groups])
         n_step = torch.cat([g.n_step for g in groups])
-        finite = torch.isfinite(norm_new) & torch.isfinite(norm_old)
+        finite = torch.isfinite(norm_new)
         if cfg.self_rectify:
-            gnorm = torch.cat([p[1] for _, p in pend])
-            finite &= torch.isfinite(gnorm)
+            norm_old, norm_delta = norms[1], norms[2]
+            gnorm = torch.cat([p[1] for p in pend])
+            finite &= torch.isfinite(norm_old) & torch.isfinite(gnorm)
             c_len = F.relative_grad_length(gnorm, seg, len(groups))
             c_rate = F.escaping_rate(norm_new, norm_old, norm_delta)
             release = dec & finite & F.release_condition(c_rate, c_len, cfg.t_rate, cfg.t_len)
@@ -679,14 +741,16 @@ class DecayEngine:
         zero &= go
         n_step = torch.where(go, n_next, torch.where(release, torch.zeros_like(n_next), n_step))
         bad = dec & ~finite
-        counts = torch.zeros(3, len(groups), dtype=torch.int64, device=dev)
-        counts.index_add_(1, seg, torch.stack([release, zero, bad]).long())
-        n_rel, n_zero, n_bad = counts.tolist()
-        for g, f, n, r, z in zip(groups, factor.split(sizes), n_step.split(sizes),
-                                 release.split(sizes), zero.split(sizes)):
-            for s in g.slices:
-                s.param.mul_(s.expand(f, 1.0) if s.param.dtype == torch.float32
-                             else s.expand(f, 1.0).to(s.param.dtype))
+        # zeroed channels (before this step, zero_now between the hooks, or now) get 0
+        zeroed = zero | torch.cat([g.zeroed for g in groups])
+        factor = torch.where(zeroed, torch.zeros_like(factor), factor)
+        zeroed_bad = zeroed & ~torch.isfinite(norm_new)  # where 0 * x~ would not be 0
+        counts = torch.zeros(4, len(groups), dtype=torch.int64, device=dev)
+        counts.index_add_(1, seg, torch.stack([release, zero, bad, zeroed_bad]).long())
+        n_rel, n_zero, n_bad, n_zeroed_bad = counts.tolist()
+        # x <- x~ * factor (Eq. 1), exact zeros for every zeroed channel
+        layout.apply(factor, zeroed if any(n_zeroed_bad) else None)
+        for g, n in zip(groups, n_step.split(sizes)):
             g.n_step = n
         for i, g in enumerate(groups):
             if not (n_rel[i] or n_zero[i]):
@@ -776,7 +840,7 @@ class DecayEngine:
         self.events = [dict(e) for e in state["events"]]
         self._marked_since_step = int(state.get("marked_since_step", 0))
         self._pending = {}
-        self._old = {}
+        self._step_layouts = []
         self._discard_clean()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "segment_sum",
     "channel_sq_norms",
     "step_length",
     "target_length",
@@ -21,6 +22,17 @@ __all__ = [
     "release_condition",
     "decay_step",
 ]
+
+
+def segment_sum(values: torch.Tensor, lengths: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Sums of consecutive segments of ``values`` along ``dim`` (``lengths[i]`` entries each).
+
+    For ``dim > 0``, ``lengths`` has the leading dims of ``values`` (one row of lengths
+    per row of values). Deterministic on every device (no atomic adds), unlike
+    ``index_add_`` on CUDA: the engine's decisions compare these sums with thresholds,
+    and DDP ranks must reach bit-identical decisions. An empty segment sums to 0.
+    """
+    return torch.segment_reduce(values, "sum", lengths=lengths, axis=dim)
 
 
 def channel_sq_norms(t: torch.Tensor, reduce_dims: tuple[int, ...],
@@ -96,8 +108,9 @@ def relative_grad_length(grad_norms: torch.Tensor, segments: torch.Tensor | None
                          num_segments: int = 1) -> torch.Tensor:
     """Eq. 5, ``C_len = ||g_c|| / mean_j ||g_j||`` over the M parallel channels of a layer.
 
-    With ``segments`` (int64, the layer of each entry) several layers are handled in one
-    call, each against its own mean. A layer's ``C_len`` is 0 when its mean is 0.
+    With ``segments`` (int64, the layer of each entry, non-decreasing: layers one after
+    another) several layers are handled in one call, each against its own mean. A
+    layer's ``C_len`` is 0 when its mean is 0.
     Channels with a non-finite gradient norm are left out of the mean (their own ``C_len``
     is then non-finite, and the caller skips them), so one bad channel cannot silence the
     criterion for its neighbours.
@@ -107,8 +120,9 @@ def relative_grad_length(grad_norms: torch.Tensor, segments: torch.Tensor | None
     if segments is None:
         mean = (clean.sum() / finite.sum().clamp_min(1)).expand_as(grad_norms)
     else:
-        total = clean.new_zeros(num_segments).index_add_(0, segments, clean)
-        count = clean.new_zeros(num_segments).index_add_(0, segments, finite.float())
+        lengths = torch.bincount(segments, minlength=num_segments)
+        total = segment_sum(clean, lengths)
+        count = segment_sum(finite.to(clean.dtype), lengths)
         mean = (total / count.clamp_min(1))[segments]
     return torch.where(mean > 0, grad_norms / mean.clamp_min(torch.finfo(mean.dtype).tiny),
                        torch.zeros_like(grad_norms))

@@ -61,6 +61,11 @@ def c_m_mismatch():
     DecayEngine().add_group("g", [(_param(4, 3), 0), (_param(5, 3), 0)])
 
 
+def c_scalar_param():
+    e = DecayEngine()
+    e.add_group("g", [(nn.Parameter(torch.tensor(1.0)), 0)])
+
+
 def c_non_leaf():
     w = _param(4, 3)
     DecayEngine().add_group("g", [(w * 2, 0)])
@@ -213,6 +218,8 @@ CASES = [
      ValueError, "all slices must agree on M"),
     ("group-non-leaf", "a computed tensor (`w * 2`) as a slice", c_non_leaf, ValueError,
      "is not a leaf tensor"),
+    ("group-scalar", "a 0-dim tensor (a scalar parameter) as a slice", c_scalar_param,
+     ValueError, "is a 0-dim tensor"),
     ("group-duplicate", "the same group name twice", c_duplicate_group, ValueError,
      "already exists"),
     ("group-index-range", "an index slice pointing past the tensor", c_index_out_of_range,

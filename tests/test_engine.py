@@ -139,6 +139,73 @@ def test_zeroed_stays_exactly_zero_with_momentum_and_weight_decay():
     assert e.state("g").zeroed[0]
 
 
+def test_zeroed_stays_exactly_zero_when_its_update_is_not_finite():
+    # 0 * inf is NaN: a zeroed channel whose x~ is not finite must still end at exact 0,
+    # while a non-finite channel that is not zeroed is left as the optimizer made it
+    w, o, e = make(m=4, steps=1, lr=0.1)
+    e.mark("g", [0, 1])
+    step(w, o, torch.zeros(4, 3))
+    assert e.state("g").zeroed[:2].all()
+    e.mark("g", [2])  # keeps the group in the stacked (decaying) path
+    grad = torch.zeros(4, 3)
+    grad[0, 0] = float("inf")
+    grad[3, 1] = float("nan")
+    step(w, o, grad)
+    assert torch.equal(w.detach()[:2], torch.zeros(2, 3))
+    assert torch.isnan(w.detach()[3, 1])
+    assert e.state("g").zeroed[2]
+
+
+def test_retargeted_group_decays_its_new_tensor():
+    # the stacked layout is cached; set_slices must make the next step use the new tensor
+    torch.manual_seed(0)
+    w1 = torch.nn.Parameter(torch.randn(4, 3))
+    w2 = torch.nn.Parameter(torch.randn(4, 5))
+    o = torch.optim.SGD([w1, w2], lr=0.0)
+    e = DecayEngine(DecayConfig(steps=4, self_rectify=True))
+    e.add_group("g", [(w1, 0)])
+    e.attach(o)
+    e.mark("g", [1])
+    l0 = e.state("g").l_init[1].item()
+    w1.grad, w2.grad = torch.zeros_like(w1), torch.zeros_like(w2)
+    o.step()
+    assert w1.detach()[1].norm().item() == pytest.approx(0.75 * l0)
+    e.set_slices("g", [(w2, 0)])
+    before = w1.detach().clone()
+    n2 = w2.detach()[1].norm().item()
+    o.step()
+    assert torch.equal(w1.detach(), before)
+    assert w2.detach()[1].norm().item() == pytest.approx(0.5 * l0)  # target (4-2)/4 L_init
+    assert n2 > 0.5 * l0 and e.state("g").n_step[1] == 2
+
+
+def test_group_changed_between_step_hooks_skips_only_that_group():
+    torch.manual_seed(0)
+    w1 = torch.nn.Parameter(torch.randn(4, 3))
+    w2 = torch.nn.Parameter(torch.randn(4, 3))  # same shape: stacked in one buffer
+    w3 = torch.nn.Parameter(torch.randn(4, 3))
+    o = torch.optim.SGD([w1, w2, w3], lr=0.1)
+    e = DecayEngine(DecayConfig(steps=4, self_rectify=True, t_rate=2.0))
+    e.add_group("a", [(w1, 0)])
+    e.add_group("b", [(w2, 0)])
+    e.attach(o)
+    e.mark("a", [0])
+    e.mark("b", [0, 3])
+    lb = e.state("b").l_init.clone()
+    # a pre-hook registered after attach() runs between the engine's two hooks
+    hook = o.register_step_pre_hook(lambda *a: e.set_slices("a", [(w3, 0)]))
+    for p in (w1, w2, w3):
+        p.grad = torch.randn_like(p)
+    o.step()
+    hook.remove()
+    assert e.state("a").n_step[0] == 0  # its tensors changed mid-step: not advanced
+    st = e.state("b")
+    assert st.n_step[[0, 3]].tolist() == [1, 1]
+    assert torch.allclose(w2.detach()[[0, 3]].norm(dim=1), 0.75 * lb[[0, 3]])
+    o.step()  # the next step decays "a" on its new tensor
+    assert e.state("a").n_step[0] == 1
+
+
 def test_mark_is_noop_on_decaying_and_zeroed_and_zero_norm_zeroes_at_once():
     w, o, e = make(steps=3)
     e.mark("g", [0])
@@ -235,6 +302,16 @@ def test_functional_criteria_values():
                                0.3, 0.8).tolist() == [True, False, False]
     t = F.target_length(torch.tensor([3.0]), torch.tensor([1]), 3)
     assert t.item() == pytest.approx(2.0)
+
+
+def test_segment_sums_and_per_layer_means():
+    v = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    out = F.segment_sum(v, torch.tensor([2, 0, 1]))
+    assert out.tolist() == [[4.0, 6.0], [0.0, 0.0], [5.0, 6.0]]
+    # two layers in one call, each against its own mean; a non-finite entry is left out
+    g = torch.tensor([1.0, 3.0, 2.0, 2.0, float("nan")])
+    c_len = F.relative_grad_length(g, torch.tensor([0, 0, 1, 1, 1]), 2)
+    assert c_len[:4].tolist() == [0.5, 1.5, 1.0, 1.0]
 
 
 def test_released_channel_can_be_marked_again():
@@ -390,6 +467,40 @@ def test_clean_grads_remove_penalty_for_decaying_channels():
     # the decaying channel saw the clean (outward) gradient: released, kept x~
     assert not e.state("g").decaying[1]
     assert torch.allclose(w.detach()[1], x * 1.1)
+
+
+def test_clean_grads_restored_per_channel_across_groups_sharing_a_tensor():
+    # w's rows are group "rows", its columns group "cols": only the elements of channels
+    # that were decaying at the capture get their clean gradient back
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    v = torch.nn.Parameter(torch.randn(4, 3))  # same shape, group "other", retargeted
+    u = torch.nn.Parameter(torch.randn(4, 3))
+    o = torch.optim.SGD([w, v, u], lr=0.0)
+    grads = {}
+    e = DecayEngine(DecayConfig(steps=10 ** 6, self_rectify=True, t_rate=2.0))
+    e.add_group("rows", [(w, 0)])
+    e.add_group("cols", [(w, 1)])
+    e.add_group("other", [(v, 0)])
+    e.attach(o)
+    # the optimizer sees the gradients right after the engine's pre-hook
+    o.register_step_pre_hook(lambda opt, *a: grads.update(
+        {k: p.grad.clone() for k, p in (("w", w), ("v", v), ("u", u))}))
+    e.mark("rows", [1])
+    e.mark("cols", [2])
+    e.mark("other", [0])
+    clean_w, clean_v = torch.randn(4, 3), torch.randn(4, 3)
+    w.grad, v.grad, u.grad = clean_w.clone(), clean_v.clone(), torch.zeros(4, 3)
+    e.capture_clean_grads()
+    w.grad += 5.0
+    v.grad += 5.0
+    e.set_slices("other", [(u, 0)])  # changed after the capture: not restored
+    o.step()
+    keep = torch.zeros(4, 3, dtype=torch.bool)
+    keep[1] = True
+    keep[:, 2] = True
+    assert torch.equal(grads["w"], torch.where(keep, clean_w, clean_w + 5.0))
+    assert torch.equal(grads["v"], clean_v + 5.0)
 
 
 def test_without_clean_grads_penalty_hides_resistance():

@@ -52,6 +52,12 @@ class Reference:
 
     def step(self, params, grads, lr):
         new = [p - lr * g for p, g in zip(params, grads)]
+        scales = self.decide(params, new, grads)
+        return apply_scales(new, [self], [scales])
+
+    def decide(self, params, new, grads):
+        """Algorithm 2 on ``x`` = params, ``x~`` = new: the factor of every channel."""
+        scales = [1.0] * self.m
         gn = [self.vec(grads, j).norm().item() for j in range(self.m)]
         mean = sum(gn) / self.m
         for c in range(self.m):
@@ -84,13 +90,23 @@ class Reference:
                 self.n[c] = max(self.N - math.ceil(q), self.n[c])
             if self.n[c] >= self.N:
                 factor, self.zeroed[c], self.decaying[c], self.n[c] = 0.0, True, False, self.N
-            for p, mk in zip(new, self.masks[c]):
-                p[mk] = p[mk] * factor
-        for c in range(self.m):
-            if self.zeroed[c]:
-                for p, mk in zip(new, self.masks[c]):
+            scales[c] = factor
+        return scales
+
+
+def apply_scales(new, refs, scales):
+    """Scale every channel of every group (measured first, all on the same ``x~``)."""
+    new = [p.clone() for p in new]
+    for ref, sc in zip(refs, scales):
+        for c in range(ref.m):
+            for p, mk in zip(new, ref.masks[c]):
+                p[mk] = p[mk] * sc[c]
+    for ref in refs:
+        for c in range(ref.m):
+            if ref.zeroed[c]:
+                for p, mk in zip(new, ref.masks[c]):
                     p[mk] = 0.0
-        return new
+    return new
 
 
 @st.composite
@@ -187,3 +203,111 @@ def test_reference_reproduces_figure2():
         p = ref.step(p, [torch.zeros(1, 2, dtype=torch.float64)], 0.1)
         norms.append(p[0].norm().item())
     assert norms == pytest.approx([10 / 3, 5 / 3, 0.0])
+
+
+@st.composite
+def shared_scenario(draw):
+    sizes = dict(m1=draw(st.integers(1, 4)), m2=draw(st.integers(1, 4)),
+                 a=draw(st.integers(1, 3)), k=draw(st.integers(1, 2)),
+                 c=draw(st.integers(1, 3)))
+    n_iter = draw(st.integers(1, 6))
+    return dict(sizes, steps=draw(st.integers(1, 5)),
+                t_rate=draw(st.floats(-0.5, 0.9, allow_subnormal=False)),
+                t_len=draw(st.floats(0.0, 1.5, allow_subnormal=False)),
+                sr=draw(st.booleans()), n_iter=n_iter,
+                lr=draw(st.sampled_from([0.0, 0.05, 0.3])),
+                seed=draw(st.integers(0, 2 ** 16)),
+                d_has_grad=draw(st.booleans()),
+                mid=draw(st.integers(0, n_iter - 1)),
+                outward=draw(st.lists(st.booleans(), min_size=n_iter, max_size=n_iter)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(shared_scenario())
+def test_groups_sharing_tensors_match_reference(sc):
+    """Several groups over shared tensors: the batched kernels against the reference.
+
+    G1 owns A's rows and index-selected columns of B; G2 owns B's rows, C's columns and
+    E; G3 owns the columns of D (the same shape as A, so A and D share a stacked buffer
+    with different roles); G4 owns E too (the same tensor along the same dim as G2).
+    Every group is measured on the same x~, then all scales apply (products where
+    channels of two groups share an element).
+    """
+    g = torch.Generator().manual_seed(sc["seed"])
+    m1, m2, a, k, c = sc["m1"], sc["m2"], sc["a"], sc["k"], sc["c"]
+    shapes = [(m1, a), (m2, m1 * k), (c, m2), (m1, a), (m2,)]
+    init = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    index = torch.randperm(m1 * k, generator=g).view(m1, k)
+
+    def masks_for(own):  # own(c) -> {param position: bool mask}
+        def build(ch):
+            d = own(ch)
+            return [d.get(i, torch.zeros(shapes[i], dtype=torch.bool)) for i in range(5)]
+        return build
+
+    def rows(i, ch):
+        mk = torch.zeros(shapes[i], dtype=torch.bool)
+        mk[ch] = True
+        return mk
+
+    def cols(i, cols_):
+        mk = torch.zeros(shapes[i], dtype=torch.bool)
+        mk[:, cols_] = True
+        return mk
+
+    layout = {
+        "g1": (m1, masks_for(lambda ch: {0: rows(0, ch), 1: cols(1, index[ch])})),
+        "g2": (m2, masks_for(lambda ch: {1: rows(1, ch), 2: cols(2, ch), 4: rows(4, ch)})),
+        "g3": (a, masks_for(lambda ch: {3: cols(3, ch)})),
+        "g4": (m2, masks_for(lambda ch: {4: rows(4, ch)})),
+    }
+    refs = {name: Reference([build(ch) for ch in range(m)], m, sc["steps"], sc["t_rate"],
+                            sc["t_len"], sc["sr"])
+            for name, (m, build) in layout.items()}
+    ref_params = [t.clone() for t in init]
+
+    ps = [torch.nn.Parameter(t.clone()) for t in init]
+    A, B, C, D, E = ps
+    opt = torch.optim.SGD(ps, lr=sc["lr"])
+    eng = DecayEngine(DecayConfig(steps=sc["steps"], t_rate=sc["t_rate"], t_len=sc["t_len"],
+                                  self_rectify=sc["sr"]))
+    eng.add_group("g1", [(A, 0), (B, 1, index)])
+    eng.add_group("g2", [(B, 0), (C, 1), (E, 0)])
+    eng.add_group("g3", [(D, 1)])
+    eng.add_group("g4", [(E, 0)])
+    eng.attach(opt)
+
+    try:
+        for it in range(sc["n_iter"]):
+            if it in (0, sc["mid"]):
+                for name, (m, _) in layout.items():
+                    chans = torch.randperm(m, generator=g)[: int(torch.randint(
+                        0, m + 1, (1,), generator=g))].tolist()
+                    refs[name].mark(ref_params, chans)
+                    if chans:
+                        eng.mark(name, chans)
+            grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+            if sc["outward"][it]:  # push channels away from zero to provoke releases
+                grads = [0.1 * gr - 3.0 * p for gr, p in zip(grads, ref_params)]
+            if not sc["d_has_grad"]:
+                grads[3] = torch.zeros(shapes[3], dtype=torch.float64)
+            new = [p - sc["lr"] * gr for p, gr in zip(ref_params, grads)]
+            scales = [refs[n].decide(ref_params, new, grads) for n in layout]
+            ref_params = apply_scales(new, [refs[n] for n in layout], scales)
+            for i, (p, gr) in enumerate(zip(ps, grads)):
+                p.grad = None if i == 3 and not sc["d_has_grad"] else gr.clone()
+            opt.step()
+    except Ambiguous:
+        assume(False)
+
+    for name, ref in refs.items():
+        st_ = eng.state(name)
+        assert st_.decaying.tolist() == ref.decaying, name
+        assert st_.zeroed.tolist() == ref.zeroed, name
+        assert st_.n_step.tolist() == ref.n, name
+        assert torch.allclose(st_.l_init.double(),
+                              torch.tensor(ref.l_init, dtype=torch.float64),
+                              rtol=1e-5, atol=1e-6), name
+    for p, r in zip(ps, ref_params):
+        assert torch.allclose(p.detach(), r, rtol=1e-4, atol=1e-5)
+        assert bool((p.detach()[r == 0] == 0).all())  # zeroed channels are exact zeros

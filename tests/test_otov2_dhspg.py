@@ -49,8 +49,13 @@ def one_step(model, opt, x, y):
     return loss
 
 
-def train_until_target(model, opt, x, y, max_steps=40, seed=3):
-    """Fresh random batches each step (stochastic gradients keep DHSPG's lambda useful)."""
+def train_until_target(model, opt, x, y, max_steps=60, seed=3):
+    """Fresh random batches each step (stochastic gradients keep DHSPG's lambda useful).
+
+    The number of steps is sensitive to float rounding (SR decisions near a threshold
+    change the trajectory): resnet50 with DPM took 39 steps with the per-slice engine
+    and 43 with the stacked one, so the budget leaves room.
+    """
     g = torch.Generator().manual_seed(seed)
     for s in range(max_steps):
         xb = torch.randn(x.shape, generator=g)

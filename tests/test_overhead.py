@@ -11,3 +11,11 @@ def test_overhead_benchmark_runs_and_engine_does_its_work(capsys):
     assert r["hook_sec"] > 0 and r["sec_with"] > 0 and r["sec_without"] > 0
     out = capsys.readouterr().out
     assert "median of paired ratios" in out and "engine hooks alone" in out
+    assert "control" in out and r["control_paired_ratio"] > 0
+
+
+def test_overhead_benchmark_without_control(capsys):
+    r = overhead.main(["--batch", "2", "--iters", "2", "--warmup", "0", "--threads", "1",
+                       "--no-control"])
+    assert "control_paired_ratio" not in r and len(r["paired_iqr"]) == 2
+    assert "control" not in capsys.readouterr().out
