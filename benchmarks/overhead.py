@@ -65,7 +65,7 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
 
 
 def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None = None,
-        seed: int = 0, control: bool = True) -> dict:
+        seed: int = 0, control: bool = True, capture: bool = False) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -96,12 +96,18 @@ def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None 
             hook_time[0] += time.perf_counter() - t
         return wrapper
 
-    def iteration() -> tuple[float, float]:
-        """Seconds for the whole iteration and for its ``optimizer.step()`` alone."""
+    def iteration(eng: DecayEngine | None = None) -> tuple[float, float]:
+        """Seconds for the whole iteration and for its ``optimizer.step()`` alone.
+
+        With ``capture``, the engine's ``capture_clean_grads()`` (what a penalty-adding
+        ``regularize()`` calls) runs before the step and counts as part of it.
+        """
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         t_step = time.perf_counter()
+        if capture and eng is not None:
+            eng.capture_clean_grads()
         opt.step()
         end = time.perf_counter()
         return end - t, end - t_step
@@ -122,7 +128,7 @@ def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None 
                 handles = [opt.register_step_pre_hook(timed(eng._pre_step)),
                            opt.register_step_post_hook(timed(eng._post_step))]
             hook_time[0] = 0.0
-            whole, step = iteration()
+            whole, step = iteration(eng)
             times[v].append(whole)
             steps[v].append(step)
             if v == "with":
@@ -162,15 +168,20 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="torch CPU threads (default: torch's own setting)")
     ap.add_argument("--no-control", dest="control", action="store_false",
                     help="skip the control variant (engine attached, nothing decaying)")
+    ap.add_argument("--capture-clean-grads", dest="capture", action="store_true",
+                    help="call engine.capture_clean_grads() before every step (as the decay "
+                         "pruners' regularize() does); its time counts in the step's")
 
 
 def _report(args) -> dict:
     for name in ("batch", "iters"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
-    r = run(args.batch, args.iters, args.warmup, args.threads, control=args.control)
+    r = run(args.batch, args.iters, args.warmup, args.threads, control=args.control,
+            capture=args.capture)
     print(f"ResNet-56, batch {r['batch']}, {r['threads']} threads, {r['groups']} groups, "
-          f"{r['decaying']}/{r['channels']} channels decaying, {r['iters']} rounds")
+          f"{r['decaying']}/{r['channels']} channels decaying, {r['iters']} rounds"
+          + (", capture_clean_grads() every step" if args.capture else ""))
     print(f"median s/iter without engine: {r['sec_without']:.4f}")
     print(f"median s/iter with engine:    {r['sec_with']:.4f}")
     print(f"ratio of medians (with/without): {r['ratio']:.4f}  "

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch_pruning import ops
 
-__all__ = ["UnsupportedGroupError", "GroupLayout", "group_layout", "apply_removal",
+__all__ = ["UnsupportedGroupError", "GroupLayout", "group_layout", "apply_removal", "prune_group",
            "remap_optimizer_param"]
 
 
@@ -293,3 +293,31 @@ def apply_removal(DG, model: nn.Module, root_module, root_fn, channels: list[int
                     f"internal error: Torch-Pruning replaced {mod.__class__.__name__}.{nm}, "
                     f"which the decay pruner did not expect; please report this model")
     return replaced
+
+
+def prune_group(DG, group, optimizer: torch.optim.Optimizer | None = None) -> list:
+    """``group.prune()`` that keeps the optimizer: for plain Torch-Pruning loops too.
+
+    ``group`` is a Torch-Pruning group (from ``pruner.step(interactive=True)`` or
+    ``DG.get_pruning_group(...)``). The channels are removed through DepGraph exactly as
+    ``group.prune()`` would, and ``optimizer`` (if given) is re-pointed at the new,
+    smaller parameters with its per-parameter state (momentum, Adam moments, ``step``)
+    sliced to the channels that remain, instead of being rebuilt from scratch.
+
+    Returns ``[(old_param, new_param)]`` for every replaced parameter.
+    """
+    try:
+        root = group[0]
+        module, fn, idxs = root.dep.target.module, root.dep.handler, list(root.idxs)
+    except (TypeError, IndexError, AttributeError):
+        raise TypeError(f"prune_group() expects a torch_pruning Group (from "
+                        f"pruner.step(interactive=True) or DG.get_pruning_group), got "
+                        f"{type(group).__name__}") from None
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"prune_group(): optimizer must be a torch.optim.Optimizer or None, "
+                        f"got {type(optimizer).__name__}")
+    model = getattr(DG, "model", None)
+    if model is None:
+        raise ValueError("prune_group(): the DependencyGraph has no model; build it with "
+                         "DG.build_dependency(model, example_inputs) first")
+    return apply_removal(DG, model, module, fn, idxs, optimizer)

@@ -186,6 +186,12 @@ def c_dg_untraceable():
     _decay_pruner(DecayConfig(), inputs=torch.randn(1, 5, 8, 8))  # 5 channels into a 3-channel conv
 
 
+def c_dg_prune_group_not_a_group():
+    from dpm_depgraph import prune_group
+    _, pruner = _decay_pruner(DecayConfig())
+    prune_group(pruner.DG, "features.3")
+
+
 def _oto():
     from dpm_otov2 import OTO
     return OTO(_tiny_cnn(), torch.randn(1, 3, 8, 8))
@@ -259,6 +265,8 @@ CASES = [
      "decay must be a dpm_core.DecayConfig, got dict"),
     ("dg-untraceable", "decay pruner on example inputs the model cannot run",
      c_dg_untraceable, RuntimeError, "could not trace"),
+    ("dg-prune-group", "`prune_group(DG, 'features.3')`: a name, not a Torch-Pruning group",
+     c_dg_prune_group_not_a_group, TypeError, "expects a torch_pruning Group"),
     ("oto-decay-int", "`oto.dhspg(..., decay=5)`", c_oto_decay_int, TypeError,
      "decay must be None, a dpm_core.DecayConfig or a DecayEngine"),
     ("oto-target-sparsity", "`oto.dhspg(target_group_sparsity=1.5)`", c_oto_target,

@@ -9,7 +9,7 @@ import torch_pruning as tp
 from benchmarks.models import get_model
 from dpm_core import DecayConfig
 from dpm_depgraph import (DecayBNScalePruner, DecayGroup, DecayGroupNormPruner, DecayMetaPruner,
-                          decay_pruner)
+                          decay_pruner, prune_group)
 
 X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 Y = torch.arange(4) % 10
@@ -251,6 +251,31 @@ def test_optimizer_state_is_sliced_not_reset(opt_cls):
     assert len(held) == len(list(model.parameters()))
     _train(model, opt, 2)
     assert torch.isfinite(_loss(model))
+
+
+def test_prune_group_keeps_optimizer_state_for_a_plain_torch_pruning_loop():
+    model = _small()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    _train(model, opt, 2)
+    with torch.no_grad():  # tie each momentum to its weight, to check the slicing exactly
+        for p in model.parameters():
+            opt.state[p]["momentum_buffer"].copy_(2 * p + 1)
+    pruner = tp.pruner.MetaPruner(model, X[:1], importance=tp.importance.MagnitudeImportance(),
+                                  pruning_ratio=0.5, iterative_steps=1,
+                                  ignored_layers=[model.fc])
+    before = {name: p.shape for name, p in model.named_parameters()}
+    replaced = []
+    for group in pruner.step(interactive=True):
+        replaced += prune_group(pruner.DG, group, opt)
+    assert replaced and model.features[3].weight.shape[0] < before["features.3.weight"][0]
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in held} == {id(p) for p in model.parameters()}
+    for p in model.parameters():
+        assert torch.equal(opt.state[p]["momentum_buffer"], 2 * p.detach() + 1)
+    _train(model, opt, 2)
+    assert torch.isfinite(_loss(model))
+    with pytest.raises(TypeError, match="expects a torch_pruning Group"):
+        prune_group(pruner.DG, "features.3")
 
 
 # ------------------------------------------------------------------------------ sparse learning

@@ -16,6 +16,6 @@ def test_overhead_benchmark_runs_and_engine_does_its_work(capsys):
 
 def test_overhead_benchmark_without_control(capsys):
     r = overhead.main(["--batch", "2", "--iters", "2", "--warmup", "0", "--threads", "1",
-                       "--no-control"])
+                       "--no-control", "--capture-clean-grads"])
     assert "control_paired_ratio" not in r and len(r["paired_iqr"]) == 2
     assert "control" not in capsys.readouterr().out

@@ -13,7 +13,7 @@ the channel pruning ratio linearly towards ``ratio`` (Torch-Pruning's iterative 
 * ``bn_scale``: ``BNScalePruner`` (network slimming: BN-scale importance and L1 on BN scales).
 
 ``original`` uses the Torch-Pruning class itself; each selected group is removed at once. Its
-removal goes through ``dpm_depgraph``'s removal helper so that the optimizer's momentum is
+removal goes through ``dpm_depgraph.prune_group`` so that the optimizer's momentum is
 sliced and kept exactly as the decay pruners do (so the only difference between the methods is
 the decay). ``sp`` / ``sr`` use ``DecayMetaPruner`` / ``DecayGroupNormPruner`` /
 ``DecayBNScalePruner`` with ``decay=DecayConfig(...)`` and ``pruner.attach(optimizer)``; at the
@@ -75,28 +75,15 @@ class DepGraphRunner(BaseRunner):
             pruner.attach(holder["opt"])
         engine = getattr(pruner, "engine", None)
         state = {"done": 0, "removal": "n/a"}
-        probe_cache: dict = {}
 
         def original_step() -> None:
-            try:
-                from dpm_depgraph._slices import apply_removal
-            except Exception:  # pragma: no cover - fall back to Torch-Pruning's own removal
-                apply_removal = None
-            groups = list(pruner.step(interactive=True))
-            for g in groups:
-                module, fn, idxs = g[0].dep.target.module, g[0].dep.handler, list(g[0].idxs)
-                if apply_removal is not None:
-                    try:
-                        apply_removal(pruner.DG, model, module, fn, idxs, holder["opt"], probe_cache)
-                        state["removal"] = "sliced optimizer state"
-                        continue
-                    except Exception:
-                        pass
-                # Torch-Pruning's own removal: the optimizer must then be rebuilt (momentum lost)
-                pruner.DG.get_pruning_group(module, fn, idxs).prune()
-                state["removal"] = "rebuilt optimizer"
-                lr = holder["opt"].param_groups[0]["lr"]
-                holder["opt"] = make_sgd(model, lr, cfg.momentum, cfg.weight_decay)
+            from dpm_depgraph import prune_group
+
+            for g in list(pruner.step(interactive=True)):
+                # Torch-Pruning's removal, with the optimizer's state sliced (as the decay
+                # pruners do) rather than rebuilt, so the methods differ only in the decay
+                prune_group(pruner.DG, g, holder["opt"])
+                state["removal"] = "sliced optimizer state"
             if hasattr(pruner, "update_regularizer"):
                 pruner.update_regularizer()
 
