@@ -24,15 +24,14 @@ __all__ = [
 ]
 
 
-def segment_sum(values: torch.Tensor, lengths: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Sums of consecutive segments of ``values`` along ``dim`` (``lengths[i]`` entries each).
+def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sums of consecutive segments of ``values`` along dim 0 (``lengths[i]`` rows each).
 
-    For ``dim > 0``, ``lengths`` has the leading dims of ``values`` (one row of lengths
-    per row of values). Deterministic on every device (no atomic adds), unlike
-    ``index_add_`` on CUDA: the engine's decisions compare these sums with thresholds,
-    and DDP ranks must reach bit-identical decisions. An empty segment sums to 0.
+    Deterministic on every device (no atomic adds), unlike ``index_add_`` on CUDA: the
+    engine's decisions compare these sums with thresholds, and DDP ranks must reach
+    bit-identical decisions. An empty segment sums to 0.
     """
-    return torch.segment_reduce(values, "sum", lengths=lengths, axis=dim)
+    return torch.segment_reduce(values, "sum", lengths=lengths, axis=0)
 
 
 def channel_sq_norms(t: torch.Tensor, reduce_dims: tuple[int, ...],

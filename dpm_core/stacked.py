@@ -172,7 +172,6 @@ class StackedLayout:
         # the scatter into channels is a deterministic segment sum
         self._by_channel = torch.argsort(owner, stable=True)
         self._per_channel = torch.bincount(owner, minlength=dump + 1)
-        self._per_channel_q: dict[int, torch.Tensor] = {}  # the same, one row per quantity
         self._split = [o.numel() for buf in self.buffers for o in buf.owner]
         self._where: dict[int, tuple[_Buffer, int]] = {
             id(p): (buf, i) for buf in self.buffers for i, p in enumerate(buf.params)}
@@ -190,13 +189,10 @@ class StackedLayout:
     # ---------------------------------------------------------------- kernels
     def _scatter(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """``[Q, C]`` float32: the per-entry sums of ``parts`` added up per channel."""
-        vals = torch.cat(parts, dim=1).index_select(1, self._by_channel)
-        lengths = self._per_channel_q.get(vals.shape[0])
-        if lengths is None:
-            lengths = self._per_channel.expand(vals.shape[0], -1).contiguous()
-            self._per_channel_q[vals.shape[0]] = lengths
-        per_channel = F.segment_sum(vals, lengths, dim=1)  # [Q, C + 1]
-        return per_channel[:, : self.total].float()
+        # entries along dim 0 (the plainest segment_reduce layout, on every device)
+        vals = torch.cat(parts, dim=1).index_select(1, self._by_channel).t().contiguous()
+        per_channel = F.segment_sum(vals, self._per_channel)  # [C + 1, Q]
+        return per_channel[: self.total].t().float()
 
     @torch.no_grad()
     def grad_sq_norms(self) -> torch.Tensor:
