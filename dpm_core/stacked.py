@@ -35,24 +35,15 @@ from . import functional as F
 __all__ = ["StackedLayout"]
 
 
-def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    """``d.copy_(s)`` for every pair, in one dispatch where torch offers it."""
-    foreach = getattr(torch, "_foreach_copy_", None)
+def _foreach(op: str, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``d.<op>_(s)`` for every pair (``s`` may broadcast), in one dispatch where torch
+    offers ``torch._foreach_<op>_``."""
+    foreach = getattr(torch, f"_foreach_{op}_", None)
     if foreach is not None:
         foreach(dst, src)
-    else:  # pragma: no cover - torch without _foreach_copy_
+    else:  # pragma: no cover - torch without the foreach op
         for d, s in zip(dst, src):
-            d.copy_(s)
-
-
-def _mul_all(dst: list[torch.Tensor], factors: list[torch.Tensor]) -> None:
-    """``d.mul_(f)`` for every pair (``f`` broadcasts), in one dispatch where possible."""
-    foreach = getattr(torch, "_foreach_mul_", None)
-    if foreach is not None:
-        foreach(dst, factors)
-    else:  # pragma: no cover - torch without _foreach_mul_
-        for d, f in zip(dst, factors):
-            d.mul_(f)
+            getattr(d, f"{op}_")(s)
 
 
 class _Buffer:
@@ -238,7 +229,7 @@ class StackedLayout:
                 grads = [p.grad for p in buf.params]
                 torch.stack(grads, out=scratch)
                 torch.where(mask, buf.clean, scratch, out=scratch)
-                _copy_all(grads, list(scratch.unbind(0)))
+                _foreach("copy", grads, list(scratch.unbind(0)))
             else:
                 for p, mk, cg in zip(buf.params, mask.unbind(0), buf.clean.unbind(0)):
                     if p.grad is not None:
@@ -300,7 +291,7 @@ class StackedLayout:
                 fk = fs[k].view(bshape)
                 scale = fk if scale is None else scale * fk
                 k += 1
-            _mul_all(buf.params, list(scale.unbind(0)))
+            _foreach("mul", buf.params, list(scale.unbind(0)))
             if zero is not None:
                 mask = buf.masks(zs[k - len(buf.bshapes):k])
                 for p, mk in zip(buf.params, mask.unbind(0)):
