@@ -122,12 +122,6 @@ class _Slice:
             self.local_owner = local
             self.owner = torch.where(local < 0, torch.full_like(local, m), local)
 
-    def positions(self, channels: torch.Tensor) -> torch.Tensor:
-        """Positions along ``dim`` of ``channels``, channel-major."""
-        if self.index is None:
-            return channels
-        return self.index.index_select(0, channels).reshape(-1)
-
     def sq_norms(self, t: torch.Tensor) -> torch.Tensor:
         """Squared L2 norm of every channel's share of ``t`` (float32 ``[M]``)."""
         return F.channel_sq_norms(t, self.reduce_dims, self.index)
@@ -173,18 +167,9 @@ class _Group:
     def params(self) -> list[torch.Tensor]:
         return [s.param for s in self.slices]
 
-    def sq_norms(self, grad: bool = False) -> torch.Tensor:
-        """Squared norms of all M channels of the weights (or of their gradients)."""
-        total = None
-        for s in self.slices:
-            t = s.param.grad if grad else s.param
-            if t is None:
-                continue
-            sq = s.sq_norms(t)
-            total = sq if total is None else total + sq
-        if total is None:
-            total = torch.zeros(self.m, dtype=torch.float32, device=self.device)
-        return total
+    def sq_norms(self) -> torch.Tensor:
+        """Squared norms of all M channels of the weights (for ``mark``)."""
+        return sum(s.sq_norms(s.param) for s in self.slices)
 
     def write_zeros(self) -> None:
         if not self.n_zeroed:
@@ -587,7 +572,7 @@ class DecayEngine:
             return
         hooks, hooked = [], set()
         for layout in self._layouts_for(groups):
-            gnorms = layout.capture_grads().sqrt().split(layout.sizes)
+            gnorms = layout.grad_sq_norms(keep=True).sqrt().split(layout.sizes)
             for g, gn in zip(layout.groups, gnorms):
                 self._clean[g.name] = (layout, g.decaying.clone(), gn)
             for p in layout.params():
@@ -622,7 +607,7 @@ class DecayEngine:
             gnorms[name] = gn
             layouts.setdefault(id(layout), (layout, {}))[1][name] = mask
         for layout, masks in layouts.values():
-            if not layout.valid_for(layout.key):  # a tensor changed shape in place
+            if not layout.shapes_unchanged():
                 continue
             sel = torch.cat([masks[g.name] if g.name in masks else
                              torch.zeros(g.m, dtype=torch.bool, device=layout.device)
@@ -637,9 +622,8 @@ class DecayEngine:
             by_device.setdefault(g.device, []).append(g)
         layouts = []
         for dev, gs in by_device.items():
-            key = tuple((g.name, g.version) for g in gs)
             layout = self._layout_cache.get(dev)
-            if layout is None or not layout.valid_for(key):
+            if layout is None or not layout.valid_for(StackedLayout.key_of(gs)):
                 layout = StackedLayout(gs)
                 self._layout_cache[dev] = layout
             layouts.append(layout)

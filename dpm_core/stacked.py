@@ -12,7 +12,7 @@ instead of once per slice:
 * ``measure()``: ``||x~||``, ``||x||`` and ``||x~ - x||`` of every channel (Eq. 4);
 * ``apply(factor)``: ``x <- x~ * factor`` per channel (Eq. 1), in place, one
   ``_foreach_mul_`` per buffer;
-* ``capture_grads()`` / ``restore_grads(channels)``: keep penalty-free gradients and
+* ``grad_sq_norms(keep=True)`` / ``restore_grads(channels)``: keep penalty-free gradients and
   write them back for the decaying channels (``DecayEngine.capture_clean_grads``).
 
 Channel numbering is global: group ``i``'s channel ``c`` is ``offset_i + c``, and ``C``
@@ -27,6 +27,8 @@ order of summation differs (float rounding).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -68,13 +70,7 @@ class _Buffer:
         # per spec dim d: [Q * B, pre, size(d) * post]; summed over pre, then over post
         self.views = {}
         for d in dims:
-            pre = 1
-            for e in shape[:d]:
-                pre *= e
-            post = 1
-            for e in shape[d + 1:]:
-                post *= e
-            self.views[d] = (pre, shape[d], post)
+            self.views[d] = (math.prod(shape[:d]), shape[d], math.prod(shape[d + 1:]))
         self.specs: list[int] = []  # the dim of each (dim, layer) spec, in owner order
         owner_rows = []
         self.bshapes = []
@@ -96,18 +92,19 @@ class _Buffer:
         # float32 (exact for float16/bfloat16), float64 for float64 tensors
         work = torch.float64 if p0.dtype == torch.float64 else torch.float32
         self.data = torch.empty((3, b) + shape, dtype=work, device=p0.device)
-        self.clean = None  # [B, *shape]: gradients kept by capture_grads()
+        self.clean = None  # [B, *shape]: gradients kept by grad_sq_norms(keep=True)
 
     def grads(self) -> list[torch.Tensor]:
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
-    def masks(self, per_spec: list[torch.Tensor]) -> torch.Tensor:
-        """OR over the specs of per-entry bools: ``[B, ...]`` broadcastable to the data."""
-        mask = None
+    def combine(self, per_spec: list[torch.Tensor], op) -> torch.Tensor:
+        """``op`` over the specs of per-entry values (``torch.mul`` for scales,
+        ``torch.logical_or`` for masks): ``[B, ...]``, broadcastable to the data."""
+        out = None
         for values, bshape in zip(per_spec, self.bshapes):
-            mk = values.view(bshape)
-            mask = mk if mask is None else mask | mk
-        return mask
+            v = values.view(bshape)
+            out = v if out is None else op(out, v)
+        return out
 
     def reduce(self, sq: torch.Tensor) -> list[torch.Tensor]:
         """Per spec, the sums ``[Q, B * size(d)]`` of ``sq`` (``[Q, B, *shape]``, squared).
@@ -134,7 +131,7 @@ class StackedLayout:
 
     def __init__(self, groups):
         self.groups = list(groups)
-        self.key = tuple((g.name, g.version) for g in self.groups)
+        self.key = self.key_of(self.groups)
         self.sizes = [g.m for g in self.groups]
         self.total = sum(self.sizes)
         self.device = self.groups[0].device
@@ -170,12 +167,30 @@ class StackedLayout:
     def params(self) -> list[torch.Tensor]:
         return [p for buf in self.buffers for p in buf.params]
 
+    def _per_buffer(self, per_channel: torch.Tensor, fill):
+        """Per-channel values ``[C]`` spread to every owner entry, then cut per buffer:
+        yields ``(buffer, [values of each of its specs])``; ``fill`` for unowned entries."""
+        ext = torch.cat([per_channel, per_channel.new_full((1,), fill)])
+        per_spec = ext.index_select(0, self._owner).split(self._split)
+        k = 0
+        for buf in self.buffers:
+            n = len(buf.specs)
+            yield buf, per_spec[k:k + n]
+            k += n
+
     # ---------------------------------------------------------------- validity
+    @staticmethod
+    def key_of(groups) -> tuple:
+        """What a layout depends on: the groups, in order, at their layout versions."""
+        return tuple((g.name, g.version) for g in groups)
+
+    def shapes_unchanged(self) -> bool:
+        """No tensor changed shape in place since the layout was built."""
+        return all(p.shape == s for buf in self.buffers for p, s in zip(buf.params, buf.shapes))
+
     def valid_for(self, key: tuple) -> bool:
         """Same groups at the same layout versions, and no tensor changed shape."""
-        if key != self.key:
-            return False
-        return all(p.shape == s for buf in self.buffers for p, s in zip(buf.params, buf.shapes))
+        return key == self.key and self.shapes_unchanged()
 
     # ---------------------------------------------------------------- kernels
     def _scatter(self, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -186,26 +201,22 @@ class StackedLayout:
         return per_channel[: self.total].t().float()
 
     @torch.no_grad()
-    def grad_sq_norms(self) -> torch.Tensor:
-        """Squared L2 norm of every channel's gradient, float32 ``[C]`` (missing = 0)."""
-        parts = []
-        for buf in self.buffers:
-            scratch = buf.data[2]
-            torch.stack(buf.grads(), out=scratch)
-            scratch.square_()
-            parts.extend(buf.reduce(scratch.unsqueeze(0)))
-        return self._scatter(parts)[0]
+    def grad_sq_norms(self, keep: bool = False) -> torch.Tensor:
+        """Squared L2 norm of every channel's gradient, float32 ``[C]`` (missing = 0).
 
-    @torch.no_grad()
-    def capture_grads(self) -> torch.Tensor:
-        """Keep a copy of the current gradients; return their squared channel norms."""
+        With ``keep``, a copy of the gradients is kept for :meth:`restore_grads`.
+        """
         parts = []
         for buf in self.buffers:
-            if buf.clean is None:
-                buf.clean = torch.empty_like(buf.data[0])
-            torch.stack(buf.grads(), out=buf.clean)
             scratch = buf.data[2]
-            torch.mul(buf.clean, buf.clean, out=scratch)
+            if keep:
+                if buf.clean is None:
+                    buf.clean = torch.empty_like(buf.data[0])
+                torch.stack(buf.grads(), out=buf.clean)
+                torch.mul(buf.clean, buf.clean, out=scratch)
+            else:
+                torch.stack(buf.grads(), out=scratch)
+                scratch.square_()
             parts.extend(buf.reduce(scratch.unsqueeze(0)))
         return self._scatter(parts)[0]
 
@@ -215,15 +226,10 @@ class StackedLayout:
 
         Parameters whose ``.grad`` is None now are left alone.
         """
-        sel = torch.cat([channels, channels.new_zeros(1)]).index_select(0, self._owner)
-        per_spec = sel.split(self._split)
-        k = 0
-        for buf in self.buffers:
-            n = len(buf.bshapes)
-            mask = buf.masks(per_spec[k:k + n])
-            k += n
+        for buf, per_spec in self._per_buffer(channels, False):
             if buf.clean is None:
                 continue
+            mask = buf.combine(per_spec, torch.logical_or)
             if all(p.grad is not None for p in buf.params):
                 scratch = buf.data[2]
                 grads = [p.grad for p in buf.params]
@@ -279,20 +285,11 @@ class StackedLayout:
         exact zeros. Pass ``zero`` (bool ``[C]``) when a zeroed channel's ``x~`` may not
         be finite (``0 * inf`` is NaN): its elements are then filled with 0 instead.
         """
-        f = torch.cat([factor, factor.new_ones(1)]).index_select(0, self._owner)
-        fs = f.split(self._split)
-        if zero is not None:
-            z = torch.cat([zero, zero.new_zeros(1)]).index_select(0, self._owner)
-            zs = z.split(self._split)
-        k = 0
-        for buf in self.buffers:
-            scale = None
-            for bshape in buf.bshapes:
-                fk = fs[k].view(bshape)
-                scale = fk if scale is None else scale * fk
-                k += 1
+        for buf, per_spec in self._per_buffer(factor, 1.0):
+            scale = buf.combine(per_spec, torch.mul)
             _foreach("mul", buf.params, list(scale.unbind(0)))
-            if zero is not None:
-                mask = buf.masks(zs[k - len(buf.bshapes):k])
+        if zero is not None:
+            for buf, per_spec in self._per_buffer(zero, False):
+                mask = buf.combine(per_spec, torch.logical_or)
                 for p, mk in zip(buf.params, mask.unbind(0)):
                     p.masked_fill_(mk, 0)
