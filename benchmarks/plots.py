@@ -83,12 +83,16 @@ def figure5(records: List[dict], out_dir: Path, seed=None, bins: int = 20) -> Li
         if ax2 is not None:
             ax.set_zorder(ax2.get_zorder() + 1)
             ax.patch.set_visible(False)
-        fig.tight_layout()
-        path = Path(out_dir) / f"fig5_{_slug(fw, model, dsname)}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir, f"fig5_{_slug(fw, model, dsname)}.png"))
     return written
+
+
+def _save(plt, fig, out_dir, name: str) -> Path:
+    fig.tight_layout()
+    path = Path(out_dir) / name
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def figure4(records: List[dict], out_dir: Path) -> List[Path]:
@@ -131,11 +135,7 @@ def figure4(records: List[dict], out_dir: Path) -> List[Path]:
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
-        fig.tight_layout()
-        path = Path(out_dir) / f"fig4_{_slug(fw, model, dsname)}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir, f"fig4_{_slug(fw, model, dsname)}.png"))
     return written
 
 

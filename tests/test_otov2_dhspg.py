@@ -67,6 +67,18 @@ def train_until_target(model, opt, x, y, max_steps=60, seed=3):
     return max_steps
 
 
+def subnet_of(model, oto, x, tmp_path):
+    """Build the compressed model and check it computes what the trained model does."""
+    model.eval()
+    with torch.no_grad():
+        y_full = model(x)
+    oto.construct_subnet(out_dir=str(tmp_path))
+    sub = oto.compressed_model().eval()
+    with torch.no_grad():
+        assert (sub(x) - y_full).abs().max().item() < 1e-4
+    return sub
+
+
 def zig_norms(opt):
     return {z.name: z.param_rows().norm(dim=1) for z in opt.zigs}
 
@@ -198,14 +210,7 @@ def test_reaches_target_and_subnet_matches(name, decay, tmp_path):
     assert opt.compute_group_sparsity() >= 0.5 - 1e-9, (name, steps)
     if decay is not None:
         assert opt.engine.counters["zeroed"] > 0
-    model.eval()
-    xt = torch.randn(3, *x.shape[1:])
-    with torch.no_grad():
-        y_full = model(xt)
-    oto.construct_subnet(out_dir=str(tmp_path))
-    sub = oto.compressed_model().eval()
-    with torch.no_grad():
-        assert (sub(xt) - y_full).abs().max().item() < 1e-4
+    sub = subnet_of(model, oto, torch.randn(3, *x.shape[1:]), tmp_path)
     osub = OTO(sub, x[:1])
     assert osub.compute_flops()["total"] < flops0
     assert osub.compute_num_params() < params0
@@ -457,12 +462,7 @@ def test_hesso_with_decay(tmp_path):
         one_step(model, opt, x, y)
     assert opt.engine.counters["zeroed"] > 0
     assert opt.compute_group_sparsity_param_norm()[0] >= 0.4
-    model.eval()
-    with torch.no_grad():
-        yf = model(x)
-    oto.construct_subnet(out_dir=str(tmp_path))
-    with torch.no_grad():
-        assert (oto.compressed_model().eval()(x) - yf).abs().max().item() < 1e-4
+    subnet_of(model, oto, x, tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -473,12 +473,7 @@ def test_cuda_dhspg_and_subnet(tmp_path):
     opt = oto.dhspg(decay=DPM, **FAST)
     train_until_target(model, opt, x, y)
     assert opt.compute_group_sparsity() >= 0.5 - 1e-9
-    model.eval()
-    with torch.no_grad():
-        yf = model(x)
-    oto.construct_subnet(out_dir=str(tmp_path))
-    with torch.no_grad():
-        assert (oto.compressed_model().eval()(x) - yf).abs().max().item() < 1e-4
+    subnet_of(model, oto, x, tmp_path)
 
 
 def test_hesso_resume_is_exact_mid_decay():
