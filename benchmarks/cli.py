@@ -19,6 +19,18 @@ from .data import DATASET_NAMES, DataNotFoundError
 from .models import MODEL_NAMES
 from .runners import FRAMEWORKS, METHOD_LABELS, METHODS, FrameworkUnavailable, available_frameworks
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default only where it says something: not for None / False / empty
+    defaults, and not where the help text already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS, []) or "default" in text.lower() \
+                or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
@@ -147,6 +159,9 @@ def _add_common(p: argparse.ArgumentParser, framework_list: bool) -> None:
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     t.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: all cores)")
+    t.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="forward pass in float32 or under bfloat16 autocast (weights, gradients and "
+                        "optimizer state stay float32; profile default: bf16 for cifar, else fp32)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="results folder (default: results/<subcommand>-<time>)")
     o.add_argument("--cache-dir", default=None,
@@ -161,18 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks of the Decay Pruning Method: the same pruning framework, model, data and "
                     "budget with the original single-step pruning, +SP (Smooth Pruning) and +SR "
                     "(Smooth Pruning + Self-Rectifying).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
 
-    q = sub.add_parser("quickstart", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    q = sub.add_parser("quickstart", formatter_class=HelpFormatter,
                        help="prune a small model with every framework (original/+SP/+SR), print one table",
                        description="For each framework: pre-train a small CIFAR CNN (small_cnn, width 2) in-run, prune it at "
                                    "an aggressive ratio with the original method, +SP and +SR, and print one "
-                                   "table (top-1, FLOPs %%, params %%, wall time). Under 5 minutes on 2 CPU "
+                                   "table (top-1, FLOPs %, params %, wall time). Under 5 minutes on 2 CPU "
                                    "cores. Data: CIFAR-10 from --data-dir / $DPM_DATA (npz layout) or "
                                    "torchvision's download; offline, scikit-learn's digits.")
     q.add_argument("--framework", type=_frameworks, default=list(FRAMEWORKS),
-                   help="comma-separated frameworks or 'all'")
+                   help="comma-separated frameworks or 'all' (default: all)")
     q.add_argument("--data-dir", default=None, help="CIFAR-10 folder (train.npz/test.npz or torchvision layout); "
                                                     "default $DPM_DATA, else ./data")
     q.add_argument("--dataset", default="cifar10", help="data set (cifar10, digits, synthetic, ...)")
@@ -186,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quickstart (the < 5 minute demo) or smoke (seconds, for tests)")
     q.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
-    r = sub.add_parser("run", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    r = sub.add_parser("run", formatter_class=HelpFormatter,
                        help="one configured experiment, logged to a results folder",
                        description="Pre-train (cached), prune and fine-tune one configuration; writes "
                                    "log.jsonl (one JSON line per epoch), trace.jsonl (per-step sparsity and "
@@ -198,19 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "sr (+Smooth Pruning + Self-Rectifying)")
     r.add_argument("--seed", type=int, default=0, help="random seed")
 
-    c = sub.add_parser("compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    c = sub.add_parser("compare", formatter_class=HelpFormatter,
                        help="original vs +SP vs +SR over several seeds: mean ± std and paired differences",
                        description="For each framework and seed: pre-train once, then run every method from "
                                    "the same weights; prints and writes (table.md, summary.json) a paper-style "
                                    "table with mean ± std over seeds and paired differences.")
     _add_common(c, framework_list=True)
     c.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (profile default)")
-    c.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated methods")
+    c.add_argument("--methods", type=_methods, default=None,
+                   help=f"comma-separated methods out of {', '.join(METHODS)}; control is +SP with N = 1 "
+                        f"and Self-Rectifying off (default: the profile's; cifar: all four, others: "
+                        f"original,sp,sr)")
+    c.add_argument("--resume", action="store_true",
+                   help="skip runs whose result.json exists under --out and runs another compare "
+                        "process is running (several processes can share one --out)")
     c.add_argument("--summarize", action="store_true",
                    help="run nothing: rebuild table.md / summary.json from every result.json already under "
                         "--out (e.g. after several compare runs wrote into the same folder)")
 
-    s = sub.add_parser("sweep-n", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    s = sub.add_parser("sweep-n", formatter_class=HelpFormatter,
                        help="the Figure 4 experiment: accuracy and FLOPs against N",
                        description="Runs +SP (and +SR with --with-sr) for each N, plus the original method as "
                                    "the reference, from the same pre-trained weights per seed.")
@@ -221,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "profile seed)")
     s.add_argument("--with-sr", action="store_true", help="also run +SR for every N")
 
-    pl = sub.add_parser("plot", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    pl = sub.add_parser("plot", formatter_class=HelpFormatter,
                         help="Figure 5 / Figure 4 style PNGs from a results folder",
                         description="Reads every result.json under FOLDER: draws group sparsity over training "
                                     "for original/+SP/+SR with a histogram of SR releases (fig5_*.png) and, for "
@@ -229,6 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("folder", help="results folder written by compare / sweep-n / run")
     pl.add_argument("--out", default=None, help="where to write the PNGs (default: FOLDER)")
     pl.add_argument("--seed", type=int, default=None, help="seed whose traces to draw (default: the lowest)")
+
+    pt = sub.add_parser("pretrain", help="train the dense checkpoints that the cifar profile prunes",
+                        description="Dense pre-training with the fixed recipe of benchmarks/pretrain.py (SGD, "
+                                    "Nesterov momentum 0.9, weight decay 5e-4, batch 128, lr 0.1 with one "
+                                    "warm-up epoch and cosine decay, random crop + flip; bfloat16 autocast). "
+                                    "Resumable: the training state is saved after every epoch in --work-dir and "
+                                    "a rerun continues. Writes <model>-<dataset>-s<seed>.pt and .json (log, "
+                                    "SHA-256) to --out.")
+    pt.add_argument("--model", default="resnet20", help=f"model: {', '.join(MODEL_NAMES)}")
+    pt.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated pre-training seeds")
+    pt.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default: the recipe's, 50)")
+    pt.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="forward-pass precision")
+    pt.add_argument("--out", default=None, help="checkpoint folder (default: benchmarks/checkpoints)")
+    pt.add_argument("--work-dir", default="results/pretrain-work", help="resumable training state")
+    pt.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    pt.add_argument("--device", default="cpu", help="torch device")
+    _add_data_args(pt)
 
     _register_overhead(sub)
     return parser
@@ -256,7 +294,7 @@ def _register_overhead(sub) -> None:
 _OVERRIDE_KEYS = ("model", "width", "ratio", "criterion", "iterative_steps", "prune_every", "global_pruning",
                   "reg", "lmbda", "epsilon", "min_keep_ratio", "steps", "t_rate", "t_len", "pretrain_epochs", "epochs",
                   "lr", "finetune_lr", "batch_size", "device", "dataset", "data_dir", "train_subset",
-                  "test_subset", "image_size")
+                  "test_subset", "image_size", "precision")
 
 
 def _overrides(args) -> dict:
@@ -264,6 +302,11 @@ def _overrides(args) -> dict:
     o["download"] = not getattr(args, "no_download", False)
     o["fallback"] = bool(getattr(args, "fallback_digits", False))
     return o
+
+
+def _progress(args) -> bool:
+    """Progress bars only on a terminal, never into a redirected log."""
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 
 def _setup_threads(args) -> None:
@@ -323,10 +366,10 @@ def cmd_run(args) -> int:
     get_runner(cfg.framework).check_available()
     out = _out_dir(args, f"run-{cfg.framework}-{cfg.method}")
     ds = _load_data(data)
-    model, plog, psecs = ex.pretrained_model(cfg, ds, _cache_dir(args, out), progress=not args.no_progress,
+    model, plog, psecs = ex.pretrained_model(cfg, ds, _cache_dir(args, out), progress=_progress(args),
                                              log=_say)
     rec = ex.run_one(cfg, ds, out, dense_model=model, pretrain_log=plog, pretrain_seconds=psecs,
-                     progress=not args.no_progress, log=_say)
+                     progress=_progress(args), log=_say)
     _say(f"results: {out}/result.json")
     return 0 if rec else 1
 
@@ -347,6 +390,29 @@ def _summarize(out: Path, command: str) -> int:
     return 0
 
 
+def _claim(run_dir: Path) -> bool:
+    """Claim ``run_dir`` for this process (a lock file holding our pid), so that several
+    ``compare --resume`` processes can share one results folder. A lock whose process is gone
+    is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "running.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return False           # another live process runs it
+            except (ValueError, ProcessLookupError, PermissionError, FileNotFoundError):
+                lock.unlink(missing_ok=True)   # stale: its process is gone
+                continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
 def cmd_compare(args) -> int:
     if args.summarize:
         if not args.out:
@@ -362,23 +428,40 @@ def cmd_compare(args) -> int:
         if ds is None:
             ds = _load_data(data)
         seeds = _seeds(args, data)
-        _say(f"{fw}: {cfg0.model} (width {cfg0.width}), ratio {cfg0.ratio}, N={cfg0.steps}, "
-             f"T_rate={cfg0.t_rate}, T_len={cfg0.t_len}, seeds {seeds}, methods {args.methods}")
+        methods = list(args.methods) if args.methods else data["methods"]
+        setting = ex.setting_name(cfg0)
+        _say(f"{setting}: {cfg0.model} (width {cfg0.width}), ratio {cfg0.ratio}, N={cfg0.steps}, "
+             f"T_rate={cfg0.t_rate}, T_len={cfg0.t_len}, seeds {seeds}, methods {methods}")
         for seed in seeds:
             cfg_s = ex.dataclasses.replace(cfg0, seed=seed)
-            model, plog, psecs = ex.pretrained_model(cfg_s, ds, cache, progress=not args.no_progress, log=_say)
-            for method in args.methods:
-                cfg = ex.dataclasses.replace(cfg_s, method=method)
-                rec = ex.run_one(cfg, ds, out / fw / f"{method}-s{seed}", dense_model=model, pretrain_log=plog,
-                                 pretrain_seconds=psecs, progress=not args.no_progress, log=_say)
-                records.append(rec)
+            dense = None
+            for method in methods:
+                run_dir = out / setting / f"{method}-s{seed}"
+                if args.resume and (run_dir / "result.json").is_file():
+                    with open(run_dir / "result.json") as f:
+                        records.append(json.load(f))
+                    _say(f"  {setting} {method} seed {seed}: done already ({run_dir}/result.json)")
+                    continue
+                if args.resume and not _claim(run_dir):
+                    _say(f"  {setting} {method} seed {seed}: another process is running it, skipped")
+                    continue
+                try:
+                    if dense is None:
+                        dense = ex.pretrained_model(cfg_s, ds, cache, progress=_progress(args), log=_say)
+                    model, plog, psecs = dense
+                    cfg = ex.dataclasses.replace(cfg_s, method=method)
+                    records.append(ex.run_one(cfg, ds, run_dir, dense_model=model, pretrain_log=plog,
+                                              pretrain_seconds=psecs, progress=_progress(args), log=_say))
+                finally:
+                    if args.resume:
+                        (run_dir / "running.lock").unlink(missing_ok=True)
     table, summary = ex.compare_table(records)
     (out / "table.md").write_text(table + "\n")
     _write_json(out / "summary.json", {"command": " ".join(sys.argv), "profile": args.profile,
                                        "summary": summary})
     _say("")
     _say(table)
-    _say(f"\nresults: {out} (table.md, summary.json, <framework>/<method>-s<seed>/result.json)")
+    _say(f"\nresults: {out} (table.md, summary.json, <setting>/<method>-s<seed>/result.json)")
     return 0
 
 
@@ -399,17 +482,18 @@ def cmd_sweep(args) -> int:
         _say(f"{fw}: sweep N over {ns}, methods {methods} + original, seeds {seeds}")
         for seed in seeds:
             cfg_s = ex.dataclasses.replace(cfg0, seed=seed)
-            model, plog, psecs = ex.pretrained_model(cfg_s, ds, cache, progress=not args.no_progress, log=_say)
-            ex.run_one(ex.dataclasses.replace(cfg_s, method="original"), ds, out / fw / f"original-s{seed}",
+            model, plog, psecs = ex.pretrained_model(cfg_s, ds, cache, progress=_progress(args), log=_say)
+            setting = ex.setting_name(cfg_s)
+            ex.run_one(ex.dataclasses.replace(cfg_s, method="original"), ds, out / setting / f"original-s{seed}",
                        dense_model=model, pretrain_log=plog, pretrain_seconds=psecs,
-                       progress=not args.no_progress, extra={"sweep": True}, log=_say)
+                       progress=_progress(args), extra={"sweep": True}, log=_say)
             from .runners.base import progress_bar
 
-            for n in progress_bar(ns, desc=f"{fw} N sweep", enabled=not args.no_progress, leave=True):
+            for n in progress_bar(ns, desc=f"{fw} N sweep", enabled=_progress(args), leave=True):
                 for method in methods:
                     cfg = ex.dataclasses.replace(cfg_s, method=method, steps=int(n))
-                    ex.run_one(cfg, ds, out / fw / f"{method}-N{n}-s{seed}", dense_model=model, pretrain_log=plog,
-                            pretrain_seconds=psecs, progress=not args.no_progress,
+                    ex.run_one(cfg, ds, out / setting / f"{method}-N{n}-s{seed}", dense_model=model, pretrain_log=plog,
+                            pretrain_seconds=psecs, progress=_progress(args),
                             extra={"sweep": True}, log=_say)
     _say(f"results: {out}; draw Figure 4 with: dpm-bench plot {out}")
     return 0
@@ -458,13 +542,13 @@ def cmd_quickstart(args) -> int:
             cfg0 = _quickstart_batch(cfg0, ds)
         key = (cfg0.model, cfg0.width, cfg0.seed)
         if key not in dense:
-            dense[key] = ex.pretrained_model(cfg0, ds, cache, progress=not args.no_progress, log=_say)
+            dense[key] = ex.pretrained_model(cfg0, ds, cache, progress=_progress(args), log=_say)
         model, plog, psecs = dense[key]
-        for method in METHODS:
+        for method in ex.DEFAULT_METHODS:
             cfg = ex.dataclasses.replace(cfg0, method=method)
             try:
                 records.append(ex.run_one(cfg, ds, out / fw / method, dense_model=model, pretrain_log=plog,
-                                          pretrain_seconds=psecs, progress=not args.no_progress, log=_say))
+                                          pretrain_seconds=psecs, progress=_progress(args), log=_say))
             except FrameworkUnavailable as e:
                 _say(f"skipping {fw}: {e}")
                 break
@@ -488,8 +572,22 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .pretrain import RECIPE, checkpoint_dir, pretrain_dense
+
+    ds = _load_data({"dataset": args.dataset or "cifar10", "data_dir": args.data_dir,
+                     "train_subset": args.train_subset, "test_subset": args.test_subset,
+                     "image_size": args.image_size, "download": not args.no_download,
+                     "fallback": bool(args.fallback_digits)})
+    out = Path(args.out) if args.out else checkpoint_dir()
+    for seed in args.seeds:
+        pretrain_dense(args.model, ds, seed, out, Path(args.work_dir), epochs=args.epochs or RECIPE["epochs"],
+                       precision=args.precision, device=args.device, log=_say)
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "sweep-n": cmd_sweep, "plot": cmd_plot,
-            "quickstart": cmd_quickstart}
+            "quickstart": cmd_quickstart, "pretrain": cmd_pretrain}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -19,7 +19,7 @@ import torch
 from .data import Dataset, load_dataset, make_loaders
 from .models import MODEL_NAMES, default_input_size, get_model
 from .runners import FRAMEWORKS, METHOD_LABELS, METHODS, RunConfig, get_runner
-from .runners.base import count_flops_params, evaluate, pretrain, set_seed
+from .runners.base import count_flops_params, evaluate, pretrain, set_seed, training
 
 # ----------------------------------------------------------------------------------------------
 # profiles
@@ -43,12 +43,31 @@ PROFILES: Dict[str, dict] = {
                        pretrain_epochs=8, epochs=2, batch_size=128, lr=0.1, finetune_lr=0.02,
                        iterative_steps=3, prune_every=0, steps=5, ratio=0.6, seeds=[0], sweep=[3, 5],
                        lmbda=1e-2),
+    # Evidence on the full CIFAR-10 (issue 14): full-width ResNet-20 from the committed dense
+    # checkpoints (benchmarks/checkpoints, `dpm-bench pretrain`), pruned to about 50% of the dense
+    # FLOPs during 5 epochs of fine-tuning on all 50,000 images, evaluated on all 10,000. One run
+    # takes about 5 minutes on one core of this project's CPU machine (bfloat16 autocast,
+    # channels_last), so two runs go side by side on the 2 cores. Protocol: benchmarks/RESULTS.md.
+    "cifar": dict(model="resnet20", width=1.0, train_subset=None, test_subset=None, image_size=None,
+                  pretrain_epochs=0, dense_checkpoints=2, epochs=5, batch_size=128, lr=0.1,
+                  finetune_lr=0.01, iterative_steps=5, prune_every=0, steps=5, ratio=0.28,
+                  seeds=[0, 1, 2, 3, 4], sweep=[3, 5, 8, 16, 32], lmbda=1e-2, precision="bf16",
+                  channels_last=True, probe_every=20, trace_every=10,
+                  methods=["original", "sp", "sr", "control"]),
     # the paper's full schedules, for a GPU
     "paper": dict(model=None, width=1.0, train_subset=None, test_subset=None, image_size=None,
                   pretrain_epochs=200, epochs=100, batch_size=128, lr=0.1, finetune_lr=0.01,
                   iterative_steps=5, prune_every=0, steps=5, ratio=0.5, seeds=[0, 1, 2],
                   sweep=[3, 5, 8, 16, 32, 64, 128], lmbda=1e-3),
 }
+
+#: Pruning targets of the ``cifar`` profile that put the original method at about 50% of the dense
+#: FLOPs (depgraph: 0.28 of every layer's channels gives 50.4%, computed; the others were set from
+#: one calibration run of the original method each, before any DPM run: RESULTS.md).
+CIFAR_RATIOS = {"depgraph": 0.28, "gatedecorator": 0.28, "otov2": 0.3}
+
+#: Methods a comparison runs when --methods is not given.
+DEFAULT_METHODS = ["original", "sp", "sr"]
 
 #: Per-profile, per-framework defaults (applied after the profile's, before explicit options).
 #: OTOv2 prunes by driving groups to zero with its penalty; in a short CPU schedule that needs a
@@ -57,6 +76,8 @@ FRAMEWORK_PROFILE = {
     "smoke": {"otov2": dict(lmbda=1.0, finetune_lr=0.05)},
     "quickstart": {"otov2": dict(lmbda=1.0, finetune_lr=0.05)},
     "cpu": {"otov2": dict(lmbda=1.0, finetune_lr=0.05)},
+    "cifar": {"gatedecorator": dict(ratio=CIFAR_RATIOS["gatedecorator"]),
+              "otov2": dict(ratio=CIFAR_RATIOS["otov2"], lmbda=1.0, finetune_lr=0.05)},
     "paper": {},
 }
 
@@ -94,6 +115,7 @@ def resolve_config(profile: str, framework: str, overrides: dict) -> tuple[RunCo
     cfg = RunConfig(**{k: v for k, v in merged.items() if k in _CONFIG_KEYS})
     data = {k: merged.get(k) for k in ("dataset", "data_dir", "train_subset", "test_subset",
                                        "image_size", "seeds", "sweep", "fallback", "download")}
+    data["methods"] = list(merged.get("methods") or DEFAULT_METHODS)
     validate_config(cfg)
     return cfg, data
 
@@ -123,6 +145,8 @@ def validate_config(cfg: RunConfig) -> None:
         bad(f"--width must be > 0, got {cfg.width}")
     if cfg.framework == "gatedecorator" and cfg.model == "vgg16":
         bad("gatedecorator needs BatchNorm layers: use --model vgg16_bn (vgg16 has no BN)")
+    if cfg.precision not in ("fp32", "bf16"):
+        bad(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         bad(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
 
@@ -167,7 +191,19 @@ def _pretrain_key(cfg: RunConfig, ds: Dataset) -> str:
 def pretrained_model(cfg: RunConfig, ds: Dataset, cache_dir: Optional[Path], *, progress=True,
                      log=print) -> tuple[torch.nn.Module, List[dict], float]:
     """The dense model after ``pretrain_epochs`` epochs (seeded), from the cache when present.
-    Returns (model, pretrain log, pretrain seconds)."""
+    Returns (model, pretrain log, pretrain seconds).
+
+    With ``cfg.dense_checkpoints = k > 0`` the model is the committed dense checkpoint of
+    pre-training seed ``cfg.seed % k`` (``dpm-bench pretrain``), never trained here."""
+    if cfg.dense_checkpoints:
+        from .pretrain import load_checkpoint
+
+        seed = cfg.seed % cfg.dense_checkpoints
+        model, meta = load_checkpoint(cfg.model, ds.name, seed, num_classes=ds.num_classes)
+        log(f"  dense {cfg.model} checkpoint seed {seed}: top-1 {meta['top1']:.2f}% "
+            f"(sha256 {meta['sha256'][:12]}...)")
+        return model.to(cfg.device), [dict(r, phase="pretrain") for r in meta["log"]], \
+            float(meta.get("train_seconds", 0.0))
     set_seed(cfg.seed)
     model = build_model(cfg, ds).to(cfg.device)
     if cfg.pretrain_epochs == 0:
@@ -197,6 +233,59 @@ def pretrained_model(cfg: RunConfig, ds: Dataset, cache_dir: Optional[Path], *, 
 # ----------------------------------------------------------------------------------------------
 # one run
 # ----------------------------------------------------------------------------------------------
+def git_commit() -> Optional[str]:
+    """The commit of the code that ran (with ``+dirty`` when the work tree has changes), or None
+    outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+def setting_name(cfg: RunConfig) -> str:
+    """The framework setting a run belongs to: ``depgraph-<criterion>`` or the framework."""
+    return f"depgraph-{cfg.criterion}" if cfg.framework == "depgraph" else cfg.framework
+
+
+#: Steps after each pruning event at which the probe always evaluates (plus every probe_every).
+PROBE_OFFSETS = (0, 1, 2, 3, 5, 8, 13)
+#: Probe window: up to this many steps after the last pruning step; the probe's test subset size.
+PROBE_TAIL, PROBE_IMAGES = 300, 1000
+
+
+def recovery_probe(cfg: RunConfig, ds: Dataset, steps_per_epoch: int):
+    """``(probe, points)``: with ``cfg.probe_every > 0`` a ``probe(step, model)`` that evaluates
+    the model on a fixed, class-balanced subset of ``PROBE_IMAGES`` test images right after each
+    pruning event (``PROBE_OFFSETS`` steps later) and every ``probe_every`` steps, from the first
+    pruning step until ``PROBE_TAIL`` steps after the last one, appending ``{"step", "acc",
+    "loss"}`` to ``points``: the accuracy drop and recovery that Smooth Pruning is meant to soften.
+    Without it, ``(None, [])``."""
+    points: List[dict] = []
+    if cfg.probe_every <= 0:
+        return None, points
+    from .data import TensorLoader, balanced_subset
+
+    idx = balanced_subset(ds.test_labels, min(PROBE_IMAGES, len(ds.test_labels)), seed=99)
+    loader = TensorLoader(ds.test_images[idx], ds.test_labels[idx], 500, mean=ds.mean, std=ds.std,
+                          device=cfg.device, channels_last=cfg.channels_last)
+    every = max(1, cfg.prune_every)
+    end = (cfg.iterative_steps - 1) * every + PROBE_TAIL
+
+    def probe(step: int, model: torch.nn.Module) -> None:
+        if step > end or not (step % every in PROBE_OFFSETS or step % cfg.probe_every == 0):
+            return
+        acc, loss = evaluate(model, loader)
+        points.append({"step": int(step), "acc": acc, "loss": loss})
+
+    return probe, points
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -220,10 +309,13 @@ def run_one(cfg: RunConfig, ds: Dataset, out_dir: Path, *, dense_model: torch.nn
     runner.check_available()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, test = make_loaders(ds, cfg.batch_size, seed=cfg.seed + 1000, device=cfg.device)
+    train, test = make_loaders(ds, cfg.batch_size, seed=cfg.seed + 1000, device=cfg.device,
+                               channels_last=cfg.channels_last)
     cfg = resolve_prune_every(cfg, len(train))
     ex = example_batch(ds, cfg.device)
     model = copy.deepcopy(dense_model).to(cfg.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     dense_flops, dense_params = count_flops_params(model, ex)
     dense_acc, _ = evaluate(model, test)
     log_path = out_dir / "log.jsonl"
@@ -235,10 +327,12 @@ def run_one(cfg: RunConfig, ds: Dataset, out_dir: Path, *, dense_model: torch.nn
         with open(log_path, "a") as f:
             f.write(json.dumps(_jsonable(dict(rec, method=cfg.method, seed=cfg.seed))) + "\n")
 
+    probe, probe_points = recovery_probe(cfg, ds, len(train))
     set_seed(cfg.seed + 1)
     t0 = time.time()
-    res = runner.run(model, (train, test), cfg.method, cfg, example_inputs=ex, on_epoch=on_epoch,
-                     progress=progress)
+    with training(cfg.precision, probe):
+        res = runner.run(model, (train, test), cfg.method, cfg, example_inputs=ex, on_epoch=on_epoch,
+                         progress=progress)
     wall = time.time() - t0
     pruned = res.model.to(cfg.device).eval()
     acc, loss = evaluate(pruned, test)
@@ -247,7 +341,7 @@ def run_one(cfg: RunConfig, ds: Dataset, out_dir: Path, *, dense_model: torch.nn
         for rec in res.trace:
             f.write(json.dumps(_jsonable(rec)) + "\n")
     record = {
-        "kind": "run",
+        "kind": "run", "setting": setting_name(cfg),
         "framework": cfg.framework, "method": cfg.method, "method_label": METHOD_LABELS[cfg.method],
         "model": cfg.model, "dataset": ds.name, "data_source": ds.source, "data_notes": ds.notes,
         "train_size": len(ds.train_labels), "test_size": len(ds.test_labels),
@@ -260,6 +354,8 @@ def run_one(cfg: RunConfig, ds: Dataset, out_dir: Path, *, dense_model: torch.nn
         "final_sparsity": res.trace[-1]["sparsity"] if res.trace else None,
         "counters": res.counters, "events": res.events, "info": res.info,
         "config": cfg.to_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "probe": probe_points, "git_commit": git_commit(),
+        "prune_steps_at": [i * cfg.prune_every for i in range(cfg.iterative_steps)],
     }
     if extra:
         record.update(extra)
@@ -305,49 +401,66 @@ def load_results(folder: Path) -> List[dict]:
     return out
 
 
+PAIRS = (("sp", "original"), ("sr", "original"), ("control", "original"), ("sr", "sp"))
+
+
 def compare_table(records: List[dict]) -> tuple[str, dict]:
-    """Markdown table (mean ± std over seeds per framework/method) and paired differences."""
+    """Markdown tables: mean ± std over seeds per setting / method, and the paired differences
+    (same seed, same dense weights and data order) with 95% t confidence intervals and the
+    minimum detectable difference (:mod:`benchmarks.stats`)."""
+    from .stats import paired_summary, verdict
+
     by = {}
     for r in records:
         if r.get("kind") != "run":
             continue
-        by.setdefault((r["framework"], r["model"], r["dataset"]), {}).setdefault(r["method"], {})[r["seed"]] = r
-    lines = ["| framework | model | method | seeds | top-1 (%) | FLOPs (%) | params (%) | wall (s) | released |",
+        setting = r.get("setting") or r["framework"]
+        by.setdefault((setting, r["model"], r["dataset"]), {}).setdefault(r["method"], {})[r["seed"]] = r
+    lines = ["| setting | model | method | seeds | top-1 (%) | FLOPs (%) | params (%) | wall (s) | released |",
              "|---|---|---|---|---|---|---|---|---|"]
-    diffs_lines = ["| framework | model | difference | seeds | Δ top-1 (points) | Δ FLOPs (%) | Δ params (%) |",
-                   "|---|---|---|---|---|---|---|"]
+    diffs_lines = ["| setting | model | difference | seeds | Δ top-1 (points) | 95% CI | MDD | Δ FLOPs (%) | reading |",
+                   "|---|---|---|---|---|---|---|---|---|"]
     summary = {}
-    for (fw, model, dsname), methods in sorted(by.items()):
+    for (setting, model, dsname), methods in sorted(by.items()):
+        key = f"{setting}/{model}/{dsname}"
         for m in METHODS:
             runs = methods.get(m)
             if not runs:
                 continue
             rs = [runs[s] for s in sorted(runs)]
-            lines.append(f"| {fw} | {model} | {METHOD_LABELS[m]} | {len(rs)} | {fmt_ms([r['top1'] for r in rs])} | "
+            lines.append(f"| {setting} | {model} | {METHOD_LABELS[m]} | {len(rs)} | {fmt_ms([r['top1'] for r in rs])} | "
                          f"{fmt_ms([r['flops_pct'] for r in rs], 1)} | {fmt_ms([r['params_pct'] for r in rs], 1)} | "
                          f"{fmt_ms([r['wall_time_s'] for r in rs], 0)} | "
                          f"{fmt_ms([r.get('counters', {}).get('released', 0) for r in rs], 0)} |")
-            summary.setdefault(f"{fw}/{model}/{dsname}", {})[m] = {
+            summary.setdefault(key, {})[m] = {
                 "seeds": sorted(runs), "top1": mean_std([r["top1"] for r in rs]),
                 "flops_pct": mean_std([r["flops_pct"] for r in rs]),
                 "params_pct": mean_std([r["params_pct"] for r in rs]),
                 "wall_time_s": mean_std([r["wall_time_s"] for r in rs])}
-        for a, b in (("sp", "original"), ("sr", "original"), ("sr", "sp")):
-            if a in methods and b in methods:
-                seeds = sorted(set(methods[a]) & set(methods[b]))
-                if not seeds:
-                    continue
-                d_acc = [methods[a][s]["top1"] - methods[b][s]["top1"] for s in seeds]
-                d_fl = [methods[a][s]["flops_pct"] - methods[b][s]["flops_pct"] for s in seeds]
-                d_pa = [methods[a][s]["params_pct"] - methods[b][s]["params_pct"] for s in seeds]
-                label = f"{METHOD_LABELS[a]} − {METHOD_LABELS[b]}"
-                diffs_lines.append(f"| {fw} | {model} | {label} | {len(seeds)} | {fmt_ms(d_acc)} | "
-                                   f"{fmt_ms(d_fl, 1)} | {fmt_ms(d_pa, 1)} |")
-                summary[f"{fw}/{model}/{dsname}"][f"{a}-{b}"] = {
-                    "seeds": seeds, "top1": mean_std(d_acc), "flops_pct": mean_std(d_fl),
-                    "params_pct": mean_std(d_pa), "per_seed_top1": d_acc}
+        for a, b in PAIRS:
+            if a not in methods or b not in methods:
+                continue
+            seeds = sorted(set(methods[a]) & set(methods[b]))
+            if not seeds:
+                continue
+            d_acc = [methods[a][s]["top1"] - methods[b][s]["top1"] for s in seeds]
+            d_fl = [methods[a][s]["flops_pct"] - methods[b][s]["flops_pct"] for s in seeds]
+            d_pa = [methods[a][s]["params_pct"] - methods[b][s]["params_pct"] for s in seeds]
+            st = paired_summary(d_acc)
+            ci = "-" if st["n"] < 2 else f"[{st['ci_low']:+.2f}, {st['ci_high']:+.2f}]"
+            mdd = "-" if st["n"] < 2 else f"{st['mdd']:.2f}"
+            equal_cost = max(abs(x) for x in d_fl) <= 1.0
+            reading = verdict(st) if equal_cost else "FLOPs differ > 1 point: accuracy-vs-FLOPs point only"
+            label = f"{METHOD_LABELS[a]} − {METHOD_LABELS[b]}"
+            diffs_lines.append(f"| {setting} | {model} | {label} | {len(seeds)} | {st['mean']:+.2f} | {ci} | {mdd} | "
+                               f"{fmt_ms(d_fl, 1)} | {reading} |")
+            summary[key][f"{a}-{b}"] = {
+                "seeds": seeds, "top1": mean_std(d_acc), "top1_paired": st, "equal_flops": equal_cost,
+                "flops_pct": mean_std(d_fl), "params_pct": mean_std(d_pa), "per_seed_top1": d_acc}
     text = "\n".join(lines)
     if len(diffs_lines) > 2:
-        text += "\n\nPaired differences (same seed, same pre-trained weights; mean ± std over seeds):\n\n" \
-                + "\n".join(diffs_lines)
+        text += ("\n\nPaired differences (same seed, same dense weights and data order): mean, 95% t "
+                 "confidence interval, minimum detectable difference (80% power), Δ FLOPs mean ± std; "
+                 "a difference counts as like-for-like only when every seed's FLOPs are within 1 point:\n\n"
+                 + "\n".join(diffs_lines))
     return text, summary

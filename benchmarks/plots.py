@@ -6,6 +6,9 @@
 * Figure 4 style (``fig4_<framework>_<model>.png``): top-1 accuracy and FLOPs (% of dense) of
   +SP against the number of decaying steps N (log scale), from ``sweep-n`` results, with the
   original method as a dashed reference line.
+* Recovery (``recovery_<setting>_<model>.png``): test-subset accuracy and loss right after each
+  pruning event and over the next few hundred steps (the runs' ``probe`` points), averaged over
+  seeds, original vs +SP (and the control): the mechanism the paper claims for Smooth Pruning.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Dict, List
 from .experiment import load_results, mean_std
 from .runners import METHOD_LABELS
 
-COLORS = {"original": "tab:blue", "sp": "tab:red", "sr": "tab:green"}
+COLORS = {"original": "tab:blue", "sp": "tab:red", "sr": "tab:green", "control": "tab:gray"}
 
 
 def _plt():
@@ -46,7 +49,7 @@ def figure5(records: List[dict], out_dir: Path, seed=None, bins: int = 20) -> Li
     for r in records:
         if r.get("kind") != "run" or r.get("sweep"):
             continue
-        key = (r["framework"], r["model"], r["dataset"])
+        key = (r.get("setting") or r["framework"], r["model"], r["dataset"])
         groups.setdefault(key, {}).setdefault(r["method"], []).append(r)
     written = []
     for (fw, model, dsname), by_method in sorted(groups.items()):
@@ -101,7 +104,7 @@ def figure4(records: List[dict], out_dir: Path) -> List[Path]:
     for r in records:
         if r.get("kind") != "run" or not r.get("sweep"):
             continue
-        key = (r["framework"], r["model"], r["dataset"])
+        key = (r.get("setting") or r["framework"], r["model"], r["dataset"])
         g = groups.setdefault(key, {"sp": {}, "sr": {}, "original": []})
         if r["method"] == "original":
             g["original"].append(r)
@@ -139,6 +142,54 @@ def figure4(records: List[dict], out_dir: Path) -> List[Path]:
     return written
 
 
+def recovery_curves(runs: List[dict]) -> Dict[int, tuple]:
+    """``{step: (mean acc, mean loss, seeds)}`` over the runs' probe points, at the steps that
+    every run probed (the probe schedule is the same for every method and seed of a setting)."""
+    per_step: Dict[int, list] = {}
+    for r in runs:
+        for p in r.get("probe") or []:
+            per_step.setdefault(int(p["step"]), []).append((p["acc"], p["loss"]))
+    n = len(runs)
+    return {s: (sum(a for a, _ in v) / n, sum(b for _, b in v) / n, n)
+            for s, v in sorted(per_step.items()) if len(v) == n}
+
+
+def figure_recovery(records: List[dict], out_dir: Path) -> List[Path]:
+    plt = _plt()
+    groups: Dict[tuple, Dict[str, list]] = {}
+    for r in records:
+        if r.get("kind") != "run" or r.get("sweep") or not r.get("probe"):
+            continue
+        key = (r.get("setting") or r["framework"], r["model"], r["dataset"])
+        groups.setdefault(key, {}).setdefault(r["method"], []).append(r)
+    written = []
+    for (setting, model, dsname), by_method in sorted(groups.items()):
+        fig, (ax, axl) = plt.subplots(2, 1, figsize=(7.5, 6), sharex=True)
+        events = []
+        for method in ("original", "sp", "control"):
+            runs = by_method.get(method)
+            if not runs:
+                continue
+            events = runs[0].get("prune_steps_at") or events
+            curve = recovery_curves(runs)
+            steps = list(curve)
+            ax.plot(steps, [curve[s][0] for s in steps], color=COLORS[method], lw=1.4, marker=".", ms=3,
+                    label=f"{METHOD_LABELS[method]} ({len(runs)} seeds)")
+            axl.plot(steps, [curve[s][1] for s in steps], color=COLORS[method], lw=1.4, marker=".", ms=3)
+        for e in events:
+            for a in (ax, axl):
+                a.axvline(e, color="k", ls=":", alpha=0.4)
+        ax.set_ylabel("test-subset top-1 (%)")
+        axl.set_ylabel("test-subset loss")
+        axl.set_xlabel("optimizer step (dotted: pruning steps)")
+        ax.set_title(f"{setting}, {model}, {dsname}: around pruning, mean over seeds", fontsize=10)
+        ax.grid(alpha=0.3)
+        axl.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(plt, fig, out_dir, f"recovery_{_slug(setting, model, dsname)}.png"))
+    return written
+
+
 def plot_folder(folder: Path, out_dir: Path = None, seed=None) -> List[Path]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -149,4 +200,5 @@ def plot_folder(folder: Path, out_dir: Path = None, seed=None) -> List[Path]:
                                 f"with --out {folder} first")
     out_dir = Path(out_dir) if out_dir else folder
     out_dir.mkdir(parents=True, exist_ok=True)
-    return figure5(records, out_dir, seed=seed) + figure4(records, out_dir)
+    return figure5(records, out_dir, seed=seed) + figure4(records, out_dir) + \
+        figure_recovery(records, out_dir)

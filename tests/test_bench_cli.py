@@ -123,13 +123,14 @@ def test_compare_table_and_paired_differences(compare_dir):
     (key, entry), = summary.items()
     assert entry["sr"]["seeds"] == [0, 1] and len(entry["sr-original"]["per_seed_top1"]) == 2
     # every run of a seed started from the same pre-trained weights
-    dense = {json.loads((out / fw / f"{m}-s0" / "result.json").read_text())["dense_top1"]
+    (setting,) = [p.name for p in out.iterdir() if p.is_dir() and p.name.startswith(fw)]
+    dense = {json.loads((out / setting / f"{m}-s0" / "result.json").read_text())["dense_top1"]
              for m in ("original", "sp", "sr")}
     assert len(dense) == 1
     # original prunes physically at once; the decay methods end physically smaller too
     for m in ("original", "sp", "sr"):
-        r = json.loads((out / fw / f"{m}-s0" / "result.json").read_text())
-        assert r["flops_pct"] < 100.0
+        r = json.loads((out / setting / f"{m}-s0" / "result.json").read_text())
+        assert r["flops_pct"] < 100.0 and r["setting"] == setting
 
 
 def test_sweep_n_and_plot(compare_dir, tmp_path):

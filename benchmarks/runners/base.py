@@ -6,14 +6,23 @@ prunes and fine-tunes the model with its framework and returns a :class:`RunResu
 physically pruned model, the per-epoch log, a per-step trace (group sparsity, SR releases) and the
 DPM counters. ``original`` runs the framework's own single-step pruning (``decay=None``), ``sp``
 uses ``DecayConfig(self_rectify=False)`` (Smooth Pruning) and ``sr`` uses
-``DecayConfig(self_rectify=True)`` (Smooth Pruning + Self-Rectifying). Everything else (model,
-data, schedule, seed) is identical across the three methods.
+``DecayConfig(self_rectify=True)`` (Smooth Pruning + Self-Rectifying). ``control`` is +SP with
+N = 1 and Self-Rectifying off: the decay machinery with a one-step decay, which must reproduce
+``original`` within the noise (if it does not, the harness differs between methods). Everything
+else (model, data, schedule, seed) is identical across the methods.
+
+:func:`training` sets, for every training loop run inside it, the arithmetic precision of the
+forward pass (``bf16`` autocast or ``fp32``) and an optional ``probe(step, model)`` called after
+every optimizer step (the benchmarks' test-set trace around pruning events), without each runner
+having to pass them through.
 """
 from __future__ import annotations
 
 import math
 import random
 import time
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -22,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-METHODS = ("original", "sp", "sr")
-METHOD_LABELS = {"original": "original", "sp": "+SP", "sr": "+SR"}
+METHODS = ("original", "sp", "sr", "control")
+METHOD_LABELS = {"original": "original", "sp": "+SP", "sr": "+SR", "control": "+SP N=1"}
 
 
 class FrameworkUnavailable(RuntimeError):
@@ -62,6 +71,10 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     trace_every: int = 1
+    precision: str = "fp32"       # forward pass: fp32, or bf16 autocast (weights stay float32)
+    channels_last: bool = False   # NHWC memory format for conv models and batches (faster on CPU)
+    dense_checkpoints: int = 0    # > 0: start from the committed dense checkpoint of seed % this
+    probe_every: int = 0          # > 0: test-subset accuracy / loss around pruning events (see experiment)
     extra: Dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -79,15 +92,44 @@ class RunResult:
 
 
 def decay_config(method: str, cfg: RunConfig):
-    """``None`` for the original method, else the ``dpm_core.DecayConfig`` for +SP / +SR."""
+    """``None`` for the original method, else the ``dpm_core.DecayConfig`` for +SP / +SR /
+    the control (+SP with N = 1, Self-Rectifying off)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     if method == "original":
         return None
     from dpm_core import DecayConfig
 
+    if method == "control":
+        return DecayConfig(steps=1, t_rate=float(cfg.t_rate), t_len=float(cfg.t_len),
+                           self_rectify=False)
     return DecayConfig(steps=int(cfg.steps), t_rate=float(cfg.t_rate), t_len=float(cfg.t_len),
                        self_rectify=(method == "sr"))
+
+
+_TRAINING: ContextVar[dict] = ContextVar("dpm_bench_training", default={})
+
+
+@contextmanager
+def training(precision: str = "fp32", probe: Optional[Callable] = None):
+    """Within this block every :func:`train_loop` runs its forward pass in ``precision``
+    (``"bf16"``: bfloat16 autocast, weights / gradients / optimizer state stay float32) and
+    calls ``probe(step, model)`` after each optimizer step."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    token = _TRAINING.set({"precision": precision, "probe": probe})
+    try:
+        yield
+    finally:
+        _TRAINING.reset(token)
+
+
+def forward_precision(model: nn.Module):
+    """The autocast context of the current :func:`training` block for ``model``'s device."""
+    if _TRAINING.get().get("precision") != "bf16":
+        return nullcontext()
+    p = next(model.parameters(), None)
+    return torch.autocast(p.device.type if p is not None else "cpu", dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +207,7 @@ def train_loop(model: nn.Module, train_loader, opt_getter: Callable[[], torch.op
     steps_per_epoch = len(train_loader)
     total = max(1, epochs * steps_per_epoch)
     step = 0
+    probe = _TRAINING.get().get("probe")
     model.train()
     for epoch in range(epochs):
         t0 = time.time()
@@ -174,7 +217,9 @@ def train_loop(model: nn.Module, train_loader, opt_getter: Callable[[], torch.op
         for x, y in bar:
             opt = opt_getter()
             set_lr(opt, cosine_lr(base_lr, step, total, warmup))
-            out = model(x)
+            with forward_precision(model):
+                out = model(x)
+            out = out.float()
             loss = F.cross_entropy(out, y)
             full = loss + loss_extra(model) if loss_extra is not None else loss
             opt.zero_grad(set_to_none=True)
@@ -185,6 +230,8 @@ def train_loop(model: nn.Module, train_loader, opt_getter: Callable[[], torch.op
             step += 1
             if after_step is not None:
                 after_step(step)
+            if probe is not None:
+                probe(step, model)
             n = len(y)
             seen += n
             loss_sum += loss.item() * n

@@ -19,6 +19,13 @@ the decay). ``sp`` / ``sr`` use ``DecayMetaPruner`` / ``DecayGroupNormPruner`` /
 ``DecayBNScalePruner`` with ``decay=DecayConfig(...)`` and ``pruner.attach(optimizer)``; at the
 end ``pruner.finalize(force=True)`` removes what is still decaying. The final classifier is
 never pruned.
+
+Equal cost for +SR: channels that Self-Rectifying releases are live again, and the decay pruner
+counts only live channels against its target. After the ``iterative_steps`` pruning steps, every
+``prune_every`` optimizer steps during the first two thirds of fine-tuning, a top-up step repeats
+the final pruning step (Torch-Pruning's last ratio) whenever channels were released since the
+previous one, so the pruner selects as many channels again (the lowest-importance live ones).
++SR therefore ends at the original's architecture unless a release happens in the last third.
 """
 from __future__ import annotations
 
@@ -96,6 +103,19 @@ class DepGraphRunner(BaseRunner):
                 pruner.step()
             state["done"] += 1
 
+        total_steps = cfg.epochs * len(train)
+        topup_until = (2 * total_steps) // 3
+        state["topups"], state["released_seen"] = 0, 0
+
+        def topup_step() -> None:
+            released = int(engine.counters.get("released", 0))
+            if released == state["released_seen"]:
+                return
+            state["released_seen"] = released
+            pruner.current_step = cfg.iterative_steps - 1   # step() repeats the final ratio
+            pruner.step()
+            state["topups"] += 1
+
         tracer = SparsityTracer(lambda: model, every=cfg.trace_every, engine_getter=lambda: engine)
         prune_step()
         tracer(0, force=True)
@@ -106,7 +126,10 @@ class DepGraphRunner(BaseRunner):
 
         def after_step(step: int) -> None:
             if step % max(1, cfg.prune_every) == 0:
-                prune_step()
+                if state["done"] < cfg.iterative_steps:
+                    prune_step()
+                elif engine is not None and step <= topup_until:
+                    topup_step()
             tracer(step)
 
         def epoch_info():
@@ -129,6 +152,7 @@ class DepGraphRunner(BaseRunner):
         tracer(len(train) * cfg.epochs, force=True)
         counters, events = engine_summary(engine)
         info = {"criterion": cfg.criterion, "prune_steps": state["done"], "finalize": final,
+                "topup_steps": state["topups"],
                 "original_removal": state["removal"] if decay is None else None,
                 "train_time_s": time.time() - t0}
         return RunResult(model=model, log=log, trace=tracer.trace, counters=counters, events=events,
