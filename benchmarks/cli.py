@@ -562,6 +562,13 @@ def cmd_quickstart(args) -> int:
     for r in records:
         _say(f"{r['framework']:14s} {r['method_label']:9s} {r['top1']:8.2f} {r['flops_pct']:8.1f} "
              f"{r['params_pct']:9.1f} {r['wall_time_s']:7.1f} {r['counters'].get('released', 0):9d}")
+    _say("columns: top-1 of the physically pruned model on the test set; FLOPs % and params % of the "
+         "dense model; wall s: pruning + fine-tuning time; released: structures that Self-Rectifying "
+         "gave back to training (always 0 for original and +SP)")
+    _say(f"targets: depgraph removes {cfg0.ratio:.0%} of every layer's channels (classifier excluded); "
+         f"gatedecorator {cfg0.ratio:.0%} of all gated BN channels, ranked globally by Taylor score; "
+         f"otov2 drives {cfg0.ratio:.0%} of its zero-invariant groups to zero (target group sparsity), "
+         f"so the three frameworks end at different FLOPs")
     dense_acc = records[0]["dense_top1"] if records else float("nan")
     _say(f"(dense model before pruning: top-1 {dense_acc:.2f}%, 100% FLOPs / params; one seed, so "
          f"differences of a point or two are noise: use `dpm-bench compare` for mean ± std over seeds)")
