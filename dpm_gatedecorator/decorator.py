@@ -101,6 +101,11 @@ class GateDecorator(TickMixin):
         sparse_lambda: default weight of :meth:`gate_l1`: 1e-3, the value of both of the
             original's configurations (ResNet-56 and VGG-16 on CIFAR-10); the original class
             ``IterRecoverFramework`` defaults to 1e-5.
+        strict_minimum: ``True`` (default): every group always keeps its ``keep_min``
+            highest-scoring open channels. ``False``: the original's rule to the letter, whose
+            minimum is taken over all M scores with removed channels scoring 0, so that with
+            the FLOPs term a layer can fall below its minimum, down to no channel (see
+            :mod:`dpm_gatedecorator.selection`). Without the FLOPs term both are the same.
 
     Raises:
         ValueError: the model has no BatchNorm, or an argument is out of range.
@@ -108,7 +113,7 @@ class GateDecorator(TickMixin):
 
     def __init__(self, model: nn.Module, example_inputs, min_keep_ratio: float = 0.1,
                  decay: Optional[DecayConfig] = None, *, flops_eta: float = 0.0,
-                 sparse_lambda: float = 1e-3):
+                 sparse_lambda: float = 1e-3, strict_minimum: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GateDecorator expects an nn.Module, got {type(model).__name__}")
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -142,6 +147,7 @@ class GateDecorator(TickMixin):
         self.decay = decay
         self.flops_eta = float(flops_eta)
         self.sparse_lambda = float(sparse_lambda)
+        self.strict_minimum = bool(strict_minimum)
         self.history: List[dict] = []
         self._scoring = False
         self._pass = None
@@ -412,7 +418,7 @@ class GateDecorator(TickMixin):
             raise RuntimeError("decay is set: call gd.attach(optimizer) before gd.prune(), so "
                                "that the chosen filters decay during the optimizer's steps")
         inputs = self._rule_inputs()
-        picked, thr, pool = selection.decide(inputs, num_filters)
+        picked, thr, pool = selection.decide(inputs, num_filters, self.strict_minimum)
         if num_filters >= pool:
             raise ValueError(
                 f"cannot prune {num_filters} filters: the candidate pool holds {pool} "
@@ -562,6 +568,7 @@ class GateDecorator(TickMixin):
                                for n, gbn in self.gates.items()},
             "config": {"min_keep_ratio": self.min_keep_ratio, "flops_eta": self.flops_eta,
                        "sparse_lambda": self.sparse_lambda,
+                       "strict_minimum": self.strict_minimum,
                        "decay": self.decay.to_dict() if self.decay is not None else None},
             "history": copy.deepcopy(self.history),
             "engine": self.engine.state_dict() if self.engine is not None else None,

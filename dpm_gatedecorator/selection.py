@@ -24,11 +24,13 @@ a plain layer: one BN). All scores are float64.
    Open channels scoring exactly 0 are not in the pool but are pruned whenever the threshold
    is ``>= 0``: without spending budget (:func:`decide`).
 
-One guard differs from the original (see ``docs/gatedecorator.md``): the ``keep_min``
-highest-scoring *open* channels of a group are always hard-kept. Normally they are exactly the
-channels the original keeps; they differ only when the ``keep_min``-th largest score is that of
-a removed channel (0), which happens with the FLOPs term once every open channel of a group
-scores below 0 - the original would then empty the layer.
+One guard differs from the original (``strict_minimum=True``, the default; see
+``docs/gatedecorator.md``): the ``keep_min`` highest-scoring *open* channels of a group are
+always hard-kept. Normally they are exactly the channels the original keeps; they differ only
+when the ``keep_min``-th largest score is that of a removed channel (0). That happens with the
+FLOPs term once fewer than ``keep_min`` open channels of a group score above 0 (and at least
+``keep_min`` are removed): the original then lets the layer fall below its minimum, down to no
+channel at all. ``strict_minimum=False`` drops the guard (the original to the letter).
 """
 
 from __future__ import annotations
@@ -63,13 +65,15 @@ def candidate_pool(scores: torch.Tensor, keep: int, units: int) -> torch.Tensor:
     return srt.repeat(units) if units > 1 else srt
 
 
-def hard_kept(scores: torch.Tensor, open_: torch.Tensor, keep: int) -> torch.Tensor:
+def hard_kept(scores: torch.Tensor, open_: torch.Tensor, keep: int,
+              strict: bool = True) -> torch.Tensor:
     """bool[M]: channels scoring at least the ``keep``-th largest score (ties included), plus
-    the ``keep`` highest-scoring open channels (the guard described in the module docstring)."""
+    (``strict``) the ``keep`` highest-scoring open channels (the guard described in the module
+    docstring)."""
     m = scores.numel()
     kept = scores >= torch.sort(scores).values[max(0, m - keep)]
     n_open = int(open_.sum())
-    if n_open:
+    if strict and n_open:
         masked = scores.masked_fill(~open_, float("-inf"))
         kept[torch.topk(masked, min(keep, n_open)).indices] = True
     return kept
@@ -80,9 +84,10 @@ def threshold(pool: torch.Tensor, num: int) -> float:
     return float(torch.kthvalue(pool, num + 1).values)
 
 
-def decide(groups: Sequence[Tuple[torch.Tensor, torch.Tensor, int, int]],
-           num: int) -> Tuple[List[torch.Tensor], float, int]:
-    """Apply the rule to ``groups`` = ``[(scores float64[M], open bool[M], keep, units)]``.
+def decide(groups: Sequence[Tuple[torch.Tensor, torch.Tensor, int, int]], num: int,
+           strict: bool = True) -> Tuple[List[torch.Tensor], float, int]:
+    """Apply the rule to ``groups`` = ``[(scores float64[M], open bool[M], keep, units)]``;
+    ``strict``: the minimum guard (see the module docstring).
 
     Returns ``(chosen bool[M] per group, threshold, pool size in units)``. ``num`` must be
     below the pool size (checked by the caller, which knows how to word the error).
@@ -92,5 +97,5 @@ def decide(groups: Sequence[Tuple[torch.Tensor, torch.Tensor, int, int]],
     if num >= pool.numel():
         return [torch.zeros_like(o) for _, o, _, _ in groups], float("nan"), int(pool.numel())
     thr = threshold(pool, num)
-    chosen = [o & ~hard_kept(s, o, k) & (s <= thr) for s, o, k, _ in groups]
+    chosen = [o & ~hard_kept(s, o, k, strict) & (s <= thr) for s, o, k, _ in groups]
     return chosen, thr, int(pool.numel())
