@@ -241,3 +241,46 @@ def test_same_filters_as_the_original_rules_over_8_rounds(case, mode):
         assert not below, "the original's rule went below a minimum: use a smaller eta"
     if eta:  # the FLOPs term changed the choices (else it would not be tested)
         assert any(r["flops_term_changed"] for r in rounds)
+
+
+def _g(scores, open_=None, keep=1, units=1):
+    s = torch.tensor(scores, dtype=torch.float64)
+    o = torch.ones(len(scores), dtype=torch.bool) if open_ is None else torch.tensor(open_)
+    return s, o, keep, units
+
+
+def test_rules_by_hand():
+    """Threshold with ties, zero-score channels for free, BN-channel units, on hand-computed
+    cases of the selection functions."""
+    from dpm_gatedecorator import selection
+
+    a = _g([0.0, 0.5, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0], keep=2)          # one BN
+    b = _g([0.2, 0.6, 3.0, 4.0], keep=1, units=3)                      # shared by 3 BNs
+    # pool: a -> .5 .5 1 2 3 ; b -> (.2 .6 3) x 3 ; sorted: .2 .2 .2 .5 .5 .6 .6 .6 1 2 3 3 3 3
+    chosen, thr, pool = selection.decide([a, b], 3)
+    assert pool == 14 and thr == 0.5
+    assert chosen[0].nonzero().flatten().tolist() == [0, 1, 2]  # zero-score + both tied .5
+    assert chosen[1].nonzero().flatten().tolist() == [0]
+    chosen, thr, _ = selection.decide([a, b], 0)   # num = 0 still prunes entry 0 (3 units)
+    assert thr == 0.2 and chosen[0].nonzero().flatten().tolist() == [0]
+    assert chosen[1].nonzero().flatten().tolist() == [0]
+    assert selection.decide([a, b], 14)[2] == 14 and not any(c.any() for c in
+                                                              selection.decide([a, b], 14)[0])
+    assert [selection.keep_min(c, 0.1) for c in (8, 16, 32, 64)] == [1, 1, 3, 6]
+
+
+def test_minimum_guard_differs_from_the_original_only_below_the_minimum():
+    # two open channels below 0 (FLOPs term), two removed ones (0): the original's minimum
+    # (the 2nd largest of all four scores) is a removed channel's 0, so it empties the layer
+    from dpm_gatedecorator import selection
+
+    c = _g([-1.0, -2.0, 0.0, 0.0], open_=[True, True, False, False], keep=2)
+    d = _g([5.0, 6.0, 7.0], keep=1)
+    literal, _, _ = selection.decide([c, d], 1, strict=False)
+    assert literal[0].tolist() == [True, True, False, False]
+    strict, _, _ = selection.decide([c, d], 1, strict=True)
+    assert strict[0].tolist() == [False, False, False, False]
+    # where the minimum is met by open channels the two agree
+    e = _g([1.0, -2.0, -0.5, 0.0], open_=[True, True, True, False], keep=1)
+    both = [selection.decide([e, d], 1, strict=s)[0][0].tolist() for s in (True, False)]
+    assert both[0] == both[1] == [False, True, True, False]
