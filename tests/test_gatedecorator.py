@@ -232,6 +232,16 @@ def test_tick_trains_what_the_original_trains():
         opt.step()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.allclose(p, q, atol=1e-6), n
+    # with your own optimizer (momentum buffers on the convs too): the convs still do not move
+    # (the original's zero_grad kept zero gradients, so its convs drifted by momentum and decay)
+    full = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    full.step()
+    convs = [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.Conv2d)]
+    gd.tick(loader, F.cross_entropy, optimizer=full)
+    assert all(torch.equal(a, m.weight) for a, m in
+               zip(convs, [m for m in model.modules() if isinstance(m, nn.Conv2d)]))
     # score only (the behaviour before): nothing trains
     snap = [p.detach().clone() for p in model.parameters()]
     assert gd.tick(loader, F.cross_entropy, num_batches=1, train=False)["batches"] == 1

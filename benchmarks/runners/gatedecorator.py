@@ -27,7 +27,6 @@ measured.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
