@@ -13,6 +13,10 @@ See ``docs/gatedecorator.md`` for the user guide. In short::
         ...
     small = gd.melt()                                              # plain, physically smaller
 
+The pruning decision follows the original research code's rules to the letter (budget in
+BatchNorm-channel units, threshold with ties, zero-score channels pruned for free, rounded-down
+per-layer minimum, the original's FLOPs term); they live in :mod:`.selection`.
+
 With ``decay=DecayConfig(...)`` a prune decision does not zero the masks; the selected
 filters' whole structures decay to zero over N optimizer steps (Smooth Pruning) and may be
 released (Self-Rectifying); a mask is closed only once its structure is exactly zero.
@@ -20,13 +24,11 @@ released (Self-Rectifying); a mask is closed only once its structure is exactly 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -34,7 +36,9 @@ import torch_pruning as tp
 
 from dpm_core import DecayConfig, DecayEngine
 
+from . import selection
 from .gates import SUPPORTED_BN, GatedBatchNorm
+from .tick import TickMixin
 from .structure import GroupSpec, build_groups, run_traced, trace_spatial
 
 __all__ = ["GateDecorator", "GateGroup"]
@@ -45,13 +49,20 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @dataclass
 class GateGroup:
-    """One pruning decision unit: M channels shared by ``members`` (gate module names)."""
+    """One pruning decision unit: M channels shared by ``members`` (gate module names).
+
+    ``units`` = ``len(members)``: what one channel of the group costs of the budget of
+    :meth:`GateDecorator.prune` (the original counts BatchNorm channels)."""
 
     name: str
     m: int
     keep_min: int
     members: List[tuple]  # (gate name, GatedBatchNorm, LongTensor [M] channel map, identity?)
     spec: GroupSpec
+
+    @property
+    def units(self) -> int:
+        return len(self.members)
 
     def channel_mask(self) -> torch.Tensor:
         """bool[M]: channels whose mask is still open (the root member's mask)."""
@@ -66,7 +77,7 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-class GateDecorator:
+class GateDecorator(TickMixin):
     """Gate Decorator pruning of a model with BatchNorm layers.
 
     Args:
@@ -75,18 +86,26 @@ class GateDecorator:
         example_inputs: an input batch (tensor, tuple of args, or dict of kwargs) used to
             trace the model with Torch-Pruning's DependencyGraph and to measure feature-map
             sizes. The model is traced in eval mode, so BN running statistics are untouched.
-        min_keep_ratio: every gate group keeps at least ``max(1, ceil(M * ratio))`` of its M
-            channels (masked and decaying channels count as removed).
+        min_keep_ratio: every gate group keeps at least ``max(1, int(M * ratio))`` of its M
+            channels (rounded down, as the original; masked and decaying channels count as
+            removed).
         decay: ``None`` for Gate Decorator's single-step pruning (masks set to 0 at once), or a
             :class:`dpm_core.DecayConfig` to prune with DPM (Smooth Pruning, optionally
             Self-Rectifying); then call :meth:`attach` before :meth:`prune`.
-        flops_eta: weight of the FLOPs-aware penalty (0 = pure Taylor ranking, the default).
-            The ranking uses ``score / mean_score - flops_eta * flops / mean_flops`` where
-            ``flops`` is the estimated cost of one channel of the group at the current
-            (unmasked) widths; both terms are normalized over the candidate channels so that
-            ``flops_eta`` is unit-free (the original scales a raw FLOPs term by hand).
-        sparse_lambda: default weight of :meth:`gate_l1` (1e-3, the value of the original
-            VGG-16/CIFAR-10 configuration).
+        flops_eta: the original's ``flops_eta`` (0 = pure Taylor ranking, the default, as in
+            the original's configs). Each BN's channels score ``taylor - flops_eta /
+            smallest_area * area * remaining`` (``area``: H*W of that BN's output,
+            ``smallest_area``: the smallest over all BNs, ``remaining``: that BN's channels
+            not yet removed), summed over the group's BNs. Its scale is that of the raw
+            Taylor scores, so it depends on the model, the loss and the scoring batches.
+        sparse_lambda: default weight of :meth:`gate_l1`: 1e-3, the value of both of the
+            original's configurations (ResNet-56 and VGG-16 on CIFAR-10); the original class
+            ``IterRecoverFramework`` defaults to 1e-5.
+        strict_minimum: ``True`` (default): every group always keeps its ``keep_min``
+            highest-scoring open channels. ``False``: the original's rule to the letter, whose
+            minimum is taken over all M scores with removed channels scoring 0, so that with
+            the FLOPs term a layer can fall below its minimum, down to no channel (see
+            :mod:`dpm_gatedecorator.selection`). Without the FLOPs term both are the same.
 
     Raises:
         ValueError: the model has no BatchNorm, or an argument is out of range.
@@ -94,7 +113,7 @@ class GateDecorator:
 
     def __init__(self, model: nn.Module, example_inputs, min_keep_ratio: float = 0.1,
                  decay: Optional[DecayConfig] = None, *, flops_eta: float = 0.0,
-                 sparse_lambda: float = 1e-3):
+                 sparse_lambda: float = 1e-3, strict_minimum: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GateDecorator expects an nn.Module, got {type(model).__name__}")
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -128,6 +147,7 @@ class GateDecorator:
         self.decay = decay
         self.flops_eta = float(flops_eta)
         self.sparse_lambda = float(sparse_lambda)
+        self.strict_minimum = bool(strict_minimum)
         self.history: List[dict] = []
         self._scoring = False
         self._pass = None
@@ -142,6 +162,7 @@ class GateDecorator:
         for name in bn_names:
             bn = model.get_submodule(name)
             gbn = GatedBatchNorm(bn)
+            gbn.out_area = self._area.get(bn, 1)
             gbn.train(bn.training)
             _set_submodule(model, name, gbn)
             self.gates[name] = gbn
@@ -154,7 +175,7 @@ class GateDecorator:
                 ident = idx.numel() == gbn.num_features and \
                     torch.equal(idx, torch.arange(idx.numel()))
                 members.append((bn_name, gbn, idx.to(gbn.mask.device), ident))
-            keep_min = max(1, math.ceil(spec.m * self.min_keep_ratio - 1e-9))
+            keep_min = selection.keep_min(spec.m, self.min_keep_ratio)
             self.groups.append(GateGroup(spec.name, spec.m, keep_min, members, spec))
         self._by_name = {g.name: g for g in self.groups}
         # which group owns a conv/linear's input / output channel dimension (FLOPs estimate)
@@ -252,153 +273,30 @@ class GateDecorator:
                 pos = idx.index_select(0, channels.to(idx.device))
                 if mask is not None:
                     gbn.mask[pos] = mask
-                if penalty == "mask":
-                    gbn.penalty_mask[pos] = gbn.mask[pos]
-                elif penalty is not None:
+                if penalty is not None:
                     gbn.penalty_mask[pos] = penalty
 
+    # The L1 penalty covers every gate, masked ones included (as the original); only the DPM
+    # path takes decaying gates out (penalty_mask 0) while they decay.
     def _on_zeroed(self, name: str, channels: torch.Tensor) -> None:
         g = self._by_name.get(name)
         if g is not None:
-            self._set_members(g, channels, mask=0.0, penalty=0.0)
+            self._set_members(g, channels, mask=0.0, penalty=1.0)
 
     def _on_released(self, name: str, channels: torch.Tensor) -> None:
         g = self._by_name.get(name)
         if g is not None:
-            self._set_members(g, channels, penalty="mask")
+            self._set_members(g, channels, penalty=1.0)
 
     def _refresh_penalty_masks(self) -> None:
         with torch.no_grad():
             for gbn in self.gates.values():
-                gbn.penalty_mask.copy_(gbn.mask)
+                gbn.penalty_mask.fill_(1.0)
             if self.engine is not None:
                 for g in self.groups:
                     dec = self.engine.decaying_channels(g.name)
                     if dec.numel():
                         self._set_members(g, dec, penalty=0.0)
-
-    # ------------------------------------------------------------------ tick: scores
-    @contextlib.contextmanager
-    def scoring(self, reset: bool = True, grad_scaler=None):
-        """Accumulate Taylor scores ``|g * dL/dg|`` over every backward pass in the block.
-
-        Run your own forward/backward passes (and optimizer steps, if you like) inside.
-        ``reset=True`` starts from zero (each tick of the original starts afresh);
-        ``reset=False`` keeps adding to the scores of the previous block. A pass with a
-        non-finite gate gradient (AMP overflow) is skipped. With mixed precision pass the
-        ``torch.amp.GradScaler`` whose ``scale(loss).backward()`` you call, so that every
-        pass is divided by the scale it was computed with.
-
-        Each pass's ``dL/dg`` is read from ``g.grad`` once the backward pass has finished
-        (its increase over the pass), so under DistributedDataParallel it is the gradient
-        averaged over all ranks, exactly as the original's ``DataParallel`` saw the whole
-        batch: every rank gets the same scores without any communication of its own.
-        """
-        if self._scoring:
-            raise RuntimeError("gd.scoring() blocks cannot be nested")
-        if reset:
-            self.reset_scores()
-        self._grad_scaler = grad_scaler if grad_scaler is not None and \
-            grad_scaler.is_enabled() else None
-        self._scoring = True
-        self._pass = None
-        handles = [gbn.g.register_hook(functools.partial(self._gate_hook, name))
-                   for name, gbn in self.gates.items()]
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-            self._scoring = False
-            self._pass = None
-            self._grad_scaler = None
-
-    def _gate_hook(self, name: str, grad: torch.Tensor) -> None:
-        # Runs inside the autograd engine when gate `name` receives its gradient.
-        if self._pass is not None and name in self._pass["seen"]:
-            self._pass = None  # a previous backward failed before its end: start afresh
-        if self._pass is None:
-            # first gate of this backward pass: remember every gate's .grad before the pass,
-            # and run _end_pass once the whole backward (and DDP's averaging) is done.
-            self._pass = {"before": {n: (None if gbn.g.grad is None else gbn.g.grad.detach().clone())
-                                     for n, gbn in self.gates.items()},
-                          "seen": {}}
-            torch.autograd.Variable._execution_engine.queue_callback(self._queue_end_pass)
-        self._pass["seen"][name] = grad.detach().clone()
-
-    def _queue_end_pass(self) -> None:
-        # DistributedDataParallel queues its own end-of-backward callback (which writes the
-        # averaged gradients into .grad) after ours; queueing once more runs _end_pass after it.
-        torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
-
-    @torch.no_grad()
-    def _end_pass(self) -> None:
-        state, self._pass = self._pass, None
-        if state is None:
-            return
-        inv = 1.0
-        if self._grad_scaler is not None:
-            inv = 1.0 / float(self._grad_scaler.get_scale())
-        for name, hook_grad in state["seen"].items():
-            gbn = self.gates[name]
-            if gbn.g.grad is not None:
-                before = state["before"][name]
-                grad = gbn.g.grad if before is None else gbn.g.grad - before
-            else:  # e.g. torch.autograd.grad(): nothing accumulated, use what flowed to g
-                grad = hook_grad
-            gbn.add_score(grad, inv)
-
-    def reset_scores(self) -> None:
-        for gbn in self.gates.values():
-            gbn.reset_scores()
-
-    @property
-    def scored_batches(self) -> int:
-        """Backward passes that contributed to the current scores."""
-        return max((gbn.scored_batches for gbn in self.gates.values()), default=0)
-
-    def tick(self, loader: Iterable, loss_fn: Callable, num_batches: Optional[int] = None,
-             optimizer: Optional[torch.optim.Optimizer] = None, device=None,
-             reset: bool = True) -> dict:
-        """Convenience tick: forward/backward over ``loader`` inside :meth:`scoring`.
-
-        Each batch is ``(inputs, targets, ...)``; the loss is ``loss_fn(model(inputs),
-        targets)``. With ``optimizer`` each pass is followed by ``optimizer.step()`` (the
-        original ticks train only the gates and BN shifts: pass e.g.
-        ``torch.optim.SGD(gd.gate_parameters(), lr=...)``). Gradients are cleared before
-        each pass and at the end. Returns ``{"batches": n, "loss": mean loss}``.
-        """
-        if num_batches is not None and (isinstance(num_batches, bool) or
-                                        not isinstance(num_batches, int) or num_batches < 1):
-            raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
-        total, n = 0.0, 0
-        with self.scoring(reset=reset):
-            for batch in loader:
-                if num_batches is not None and n >= num_batches:
-                    break
-                x, y = batch[0], batch[1]
-                if device is not None:
-                    x, y = x.to(device), y.to(device)
-                self.model.zero_grad(set_to_none=True)
-                loss = loss_fn(self.model(x), y)
-                loss.backward()
-                if optimizer is not None:
-                    optimizer.step()
-                total += float(loss.detach())
-                n += 1
-        self.model.zero_grad(set_to_none=True)
-        if n == 0:
-            raise ValueError("tick() got an empty loader; give it at least one batch")
-        return {"batches": n, "loss": total / n}
-
-    def gate_parameters(self) -> List[nn.Parameter]:
-        """Gates and BN shifts (what the original tick trains)."""
-        ps = []
-        for gbn in self.gates.values():
-            ps.append(gbn.g)
-            if gbn.bn.affine and gbn.bn.bias.requires_grad:
-                ps.append(gbn.bn.bias)
-        return ps
 
     def group_scores(self, name: str) -> torch.Tensor:
         """float[M]: Taylor scores of group ``name``, summed over its member gates."""
@@ -439,25 +337,75 @@ class GateDecorator:
         return total
 
     # ------------------------------------------------------------------ prune
+    def _gate_remaining(self) -> Dict[str, int]:
+        """Per gate: its channels neither masked nor decaying (the original's
+        ``bn_mask.sum()``; with decay, decaying channels count as removed)."""
+        open_ = {n: gbn.mask > 0 for n, gbn in self.gates.items()}
+        if self.engine is not None:
+            for g in self.groups:
+                dec = self._decaying(g)
+                if bool(dec.any()):
+                    for bn_name, _, idx, _ in g.members:
+                        open_[bn_name] = open_[bn_name].clone()
+                        open_[bn_name][idx[dec.to(idx.device)]] = False
+        return {n: int(o.sum()) for n, o in open_.items()}
+
+    def ranking_scores(self, name: Optional[str] = None):
+        """The scores :meth:`prune` ranks by (float64), the original's ``get_score`` summed
+        over the group's BNs: per member BN, its Taylor score minus ``flops_eta /
+        smallest_area * area * remaining``; 0 for channels masked or decaying.
+
+        Returns the ``float64[M]`` of group ``name``, or ``{name: float64[M]}`` for all."""
+        eta_area = 0.0
+        if self.flops_eta > 0:
+            eta_area = min(gbn.out_area for gbn in self.gates.values())
+        rem = self._gate_remaining() if self.flops_eta > 0 else {}
+        out = {}
+        for g in (self.groups if name is None else [self._group(name)]):
+            open_ = self.remaining(g.name)
+            s = torch.zeros(g.m, dtype=torch.float64, device=open_.device)
+            for bn_name, gbn, idx, _ in g.members:
+                raw = gbn.score.double().index_select(0, idx.to(gbn.score.device))
+                pen = selection.flops_penalty(self.flops_eta, eta_area, gbn.out_area,
+                                              rem.get(bn_name, 0))
+                s += (raw - pen).to(s.device)
+            out[g.name] = torch.where(open_, s, torch.zeros_like(s))
+        return out if name is None else out[name]
+
+    def _rule_inputs(self):
+        scores = self.ranking_scores()
+        return [(scores[g.name], self.remaining(g.name).to(scores[g.name].device), g.keep_min,
+                 g.units) for g in self.groups]
+
     def max_prunable(self) -> int:
-        """How many filters :meth:`prune` can take now under the minimum kept ratios."""
-        return sum(max(0, int(self.remaining(g.name).sum()) - g.keep_min) for g in self.groups)
+        """The candidate pool's size in BatchNorm-channel units for the current scores:
+        ``prune(num)`` needs ``num < max_prunable()`` and then prunes at least ``num + 1``
+        units. (0 before any scores are gathered: zero-score channels are not candidates.)"""
+        return sum(int(selection.candidate_pool(s, k, u).numel())
+                   for s, _, k, u in self._rule_inputs())
 
     def prune(self, num_filters: int) -> Dict[str, torch.Tensor]:
-        """Prune the ``num_filters`` globally lowest-ranked filters.
+        """The original's tick decision: prune every channel scoring at most the
+        ``num_filters``-th (0-based) lowest entry of the candidate pool.
 
-        A filter is one channel of a gate group (a residual group's channel counts once; it
-        is removed from every member). Candidates are the channels neither masked nor
-        decaying; the ``keep_min`` highest-ranked channels of every group are never
-        candidates. Without ``decay`` the masks of the chosen channels are set to 0 now; with
-        ``decay`` they start decaying (their masks close when they reach zero).
+        The budget counts BatchNorm channels, as the original: a residual group's channel
+        shared by k BNs is k entries of the pool and costs k units. Ties at the threshold
+        are pruned too, so at least ``num_filters + 1`` units go (pass ``K - 1`` to prune at
+        least K units), and open channels whose score is exactly 0 are pruned besides, without
+        spending budget. The candidates of a group are its channels neither masked nor
+        decaying, minus its ``keep_min = max(1, int(M * min_keep_ratio))`` highest-scoring
+        ones. The scores are :meth:`ranking_scores` (Taylor, minus the original's FLOPs term
+        when ``flops_eta > 0``). The rules are spelled out in :mod:`dpm_gatedecorator.selection`.
+
+        Without ``decay`` the chosen channels' masks are set to 0 now; with ``decay`` they
+        start decaying (their masks close when they reach zero).
 
         Returns ``{group name: LongTensor of chosen channels}``.
 
         Raises:
             RuntimeError: no scores were gathered (use :meth:`scoring` or :meth:`tick`), or
                 ``decay`` is set and :meth:`attach` was not called.
-            ValueError: more filters than the minimum kept ratios allow.
+            ValueError: ``num_filters`` is not below the candidate pool's size.
         """
         if isinstance(num_filters, bool) or not isinstance(num_filters, int) or num_filters < 0:
             raise ValueError(f"num_filters must be an int >= 0, got {num_filters!r}")
@@ -469,54 +417,29 @@ class GateDecorator:
         if self.engine is not None and self._handle is None:
             raise RuntimeError("decay is set: call gd.attach(optimizer) before gd.prune(), so "
                                "that the chosen filters decay during the optimizer's steps")
-        remaining = [self.remaining(g.name) for g in self.groups]
-        removable = [max(0, int(r.sum()) - g.keep_min) for g, r in zip(self.groups, remaining)]
-        available = sum(removable)
-        if num_filters > available:
-            active = sum(int(r.sum()) for r in remaining)
+        inputs = self._rule_inputs()
+        picked, thr, pool = selection.decide(inputs, num_filters, self.strict_minimum)
+        if num_filters >= pool:
             raise ValueError(
-                f"cannot prune {num_filters} filters: {active} filters remain (not masked or "
-                f"decaying) and min_keep_ratio={self.min_keep_ratio} keeps at least "
-                f"{active - available} of them (max(1, ceil(M * ratio)) per group), so at most "
-                f"{available} can be pruned now. Ask for fewer filters or build the "
-                f"GateDecorator with a smaller min_keep_ratio")
-        if num_filters == 0:
-            return {}
-
-        scores = [self.group_scores(g.name).double() for g in self.groups]
-        act_scores = torch.cat([s[r.to(s.device)].cpu() for s, r in zip(scores, remaining)])
-        s_norm = float(act_scores.mean()) if act_scores.numel() else 1.0
-        s_norm = s_norm if s_norm > 0 else 1.0
-        costs = None
-        if self.flops_eta > 0:
-            costs = [self.channel_flops(g.name) for g in self.groups]
-            w = torch.tensor([c * float(r.sum()) for c, r in zip(costs, remaining)])
-            f_norm = float(w.sum()) / max(1.0, float(sum(float(r.sum()) for r in remaining)))
-            f_norm = f_norm if f_norm > 0 else 1.0
-
-        cand_score, cand_group, cand_chan = [], [], []
-        for gi, (g, s, r, nrem) in enumerate(zip(self.groups, scores, remaining, removable)):
-            if nrem == 0:
-                continue
-            adj = s.cpu() / s_norm
-            if costs is not None:
-                adj = adj - self.flops_eta * costs[gi] / f_norm
-            ch = r.cpu().nonzero().squeeze(1)
-            order = torch.sort(adj[ch], stable=True).indices[:nrem]
-            ch = ch[order]
-            cand_score.append(adj[ch])
-            cand_chan.append(ch)
-            cand_group.append(torch.full((ch.numel(),), gi, dtype=torch.long))
-        cs, cg, cc = torch.cat(cand_score), torch.cat(cand_group), torch.cat(cand_chan)
-        pick = torch.sort(cs, stable=True).indices[:num_filters]
+                f"cannot prune {num_filters} filters: the candidate pool holds {pool} "
+                f"BatchNorm-channel units (channels neither masked nor decaying, with a non-zero "
+                f"score, outside each layer's minimum max(1, int(C * min_keep_ratio)) with "
+                f"min_keep_ratio={self.min_keep_ratio}; a residual channel counts once per BN), "
+                f"and prune(num) prunes every unit scoring at most the num-th (0-based) lowest, "
+                f"so at most {pool} can be pruned now, with num = {pool - 1}. Ask for fewer "
+                f"filters or build the GateDecorator with a smaller min_keep_ratio")
         chosen: Dict[str, torch.Tensor] = {}
-        for gi in torch.unique(cg[pick]).tolist():
-            g = self.groups[gi]
-            ch = torch.sort(cc[pick][cg[pick] == gi]).values
-            chosen[g.name] = ch
-            self._apply(g, ch)
+        units = 0
+        for g, sel in zip(self.groups, picked):
+            ch = sel.nonzero().squeeze(1).cpu()
+            if ch.numel():
+                chosen[g.name] = ch
+                units += int(ch.numel()) * g.units
+                self._apply(g, ch)
         self.history.append({
             "num_filters": num_filters,
+            "threshold": thr,
+            "units": units,
             "groups": {k: v.tolist() for k, v in chosen.items()},
             "mode": "decay" if self.engine is not None else "mask",
         })
@@ -524,7 +447,7 @@ class GateDecorator:
 
     def _apply(self, g: GateGroup, channels: torch.Tensor) -> None:
         if self.engine is None:
-            self._set_members(g, channels, mask=0.0, penalty=0.0)
+            self._set_members(g, channels, mask=0.0)
         else:
             # decaying channels leave the L1 penalty: their gradient (hence the SR criteria)
             # is then free of it (paper 3.2, "Special Situations"); see gate_l1().
@@ -533,12 +456,14 @@ class GateDecorator:
 
     # ------------------------------------------------------------------ tock
     def gate_l1(self, weight: Optional[float] = None) -> torch.Tensor:
-        """``weight * sum |g|`` over the gates of open, non-decaying channels.
+        """``weight * sum |g|`` over every gate, masked ones included (the original's
+        ``get_gate_sparse_loss``); with ``decay``, decaying gates are left out.
 
         Add it to the loss during the tock (fine-tuning) phase. ``weight`` defaults to
-        ``sparse_lambda``. Masked channels are left out (they are gone) and so are decaying
-        channels: the penalty would pull their gate towards zero and mask the gradient
-        that Self-Rectifying reads, so SR's criteria are computed without it.
+        ``sparse_lambda``. The DPM path leaves decaying channels out: the penalty would pull
+        their gate towards zero and mask the gradient that Self-Rectifying reads, so SR's
+        criteria are computed without it. (Zeroed channels are back in: their gate is exactly
+        0, so they add nothing.)
         """
         lam = self.sparse_lambda if weight is None else float(weight)
         terms = [(gbn.g.abs() * gbn.penalty_mask).sum() for gbn in self.gates.values()]
@@ -576,12 +501,19 @@ class GateDecorator:
 
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict:
-        """Counts of channels: total, open masks, decaying, masked; plus engine counters."""
+        """Counts of group channels (``channels``, ``open`` masks, ``decaying``, ``masked``),
+        the same in BatchNorm-channel units, the unit of :meth:`prune`'s budget (``units``,
+        ``units_open``, ``units_decaying``, ``units_masked``), plus the engine counters."""
         total = sum(g.m for g in self.groups)
-        open_ = sum(int(g.channel_mask().sum()) for g in self.groups)
-        dec = sum(int(self._decaying(g).sum()) for g in self.groups)
-        out = {"groups": len(self.groups), "channels": total, "open": open_,
-               "decaying": dec, "masked": total - open_}
+        open_g = [int(g.channel_mask().sum()) for g in self.groups]
+        dec_g = [int(self._decaying(g).sum()) for g in self.groups]
+        units = sum(g.m * g.units for g in self.groups)
+        u_open = sum(o * g.units for o, g in zip(open_g, self.groups))
+        u_dec = sum(d * g.units for d, g in zip(dec_g, self.groups))
+        out = {"groups": len(self.groups), "channels": total, "open": sum(open_g),
+               "decaying": sum(dec_g), "masked": total - sum(open_g),
+               "units": units, "units_open": u_open, "units_decaying": u_dec,
+               "units_masked": units - u_open}
         if self.engine is not None:
             out["engine"] = dict(self.engine.counters)
         return out
@@ -636,6 +568,7 @@ class GateDecorator:
                                for n, gbn in self.gates.items()},
             "config": {"min_keep_ratio": self.min_keep_ratio, "flops_eta": self.flops_eta,
                        "sparse_lambda": self.sparse_lambda,
+                       "strict_minimum": self.strict_minimum,
                        "decay": self.decay.to_dict() if self.decay is not None else None},
             "history": copy.deepcopy(self.history),
             "engine": self.engine.state_dict() if self.engine is not None else None,

@@ -5,10 +5,12 @@ output by a per-channel gate ``g`` (an ``nn.Parameter``) and a 0/1 ``mask`` (a b
 
     y = bn(x) * g * mask          (broadcast over every dimension but the channel one)
 
-As in the original method, the BN scale is moved into the gate when the gate is installed:
-``g <- gamma``, ``beta <- beta / gamma`` and ``gamma <- 1`` (frozen). The layer computes the
-same function as before (up to float rounding), the gate *is* the channel's scale (so the
-L1 penalty of the "tock" phase acts on the BN scales as in the paper), and
+As in the original method (``GatedBatchNorm2d.extract_from_bn``), the BN scale is moved into
+the gate when the gate is installed: ``g <- gamma``, ``beta <- clamp(beta / gamma, -10, 10)``
+and ``gamma <- 1`` (frozen). Where ``|beta / gamma| <= 10`` the layer computes the same function
+as before (up to float rounding); where the clamp acts (tiny ``|gamma|``) the channel's shift
+changes, exactly as in the original. The gate *is* the channel's scale (so the L1 penalty of the
+"tock" phase acts on the BN scales as in the paper), and
 ``|g * dL/dg|`` is the first-order Taylor estimate of the loss change when the channel's
 whole output is set to zero. :meth:`GatedBatchNorm.folded` merges gate and mask back into a
 plain BatchNorm.
@@ -20,15 +22,14 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["GatedBatchNorm", "SUPPORTED_BN"]
+__all__ = ["GatedBatchNorm", "SUPPORTED_BN", "SHIFT_CLAMP"]
 
 #: BatchNorm classes a gate can be installed on.
 SUPPORTED_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-# |gamma| below this is treated as this value (with gamma's sign) when the scale moves into
-# the gate, so that beta / gamma stays finite. The output then differs by at most
-# _MIN_GATE * |x_hat| for that channel.
-_MIN_GATE = 1e-6
+#: The original clamps the BN shift to [-SHIFT_CLAMP, SHIFT_CLAMP] when the scale moves into
+#: the gate (``torch.clamp(bias / weight, -10, 10)``).
+SHIFT_CLAMP = 10.0
 
 
 class GatedBatchNorm(nn.Module):
@@ -37,7 +38,9 @@ class GatedBatchNorm(nn.Module):
     Args:
         bn: the BatchNorm1d/2d/3d module to wrap (kept as ``self.bn``, same object).
         absorb_scale: move the BN scale ``gamma`` into the gate (Gate Decorator's GBN; the
-            default). With ``False`` the gate starts at 1 and ``gamma`` stays trainable.
+            default): ``g = gamma``, ``beta <- clamp(beta / gamma, -10, 10)`` (``0 / 0``, which
+            the original turns into NaN, gives 0), ``gamma <- 1`` frozen. With ``False`` the gate
+            starts at 1 and ``gamma`` stays trainable.
 
     Attributes:
         g: ``nn.Parameter`` of shape ``[C]``, the gate.
@@ -60,10 +63,9 @@ class GatedBatchNorm(nn.Module):
         if absorb_scale and bn.affine:
             with torch.no_grad():
                 gamma = bn.weight.detach().clone()
-                sign = torch.where(gamma < 0, -torch.ones_like(gamma), torch.ones_like(gamma))
-                safe = torch.where(gamma.abs() < _MIN_GATE, sign * _MIN_GATE, gamma)
-                gate.copy_(safe)
-                bn.bias.div_(safe)
+                shift = torch.clamp(bn.bias / gamma, -SHIFT_CLAMP, SHIFT_CLAMP)
+                gate.copy_(gamma)
+                bn.bias.copy_(torch.nan_to_num(shift, nan=0.0))
                 bn.weight.fill_(1.0)
             bn.weight.requires_grad_(False)
         self.absorbed = bool(absorb_scale and bn.affine)
@@ -75,7 +77,8 @@ class GatedBatchNorm(nn.Module):
                              persistent=False)
         self.scored_batches = 0
         self.skipped_batches = 0
-        self.out_area = 1  # spatial positions per channel of the last input (FLOPs estimate)
+        # positions per channel (H*W) of the last output: the "area" of the FLOPs term
+        self.out_area = 1
 
     @property
     def num_features(self) -> int:

@@ -67,7 +67,8 @@ def _forward(model, example_inputs):
 
 
 def trace_spatial(model: nn.Module, example_inputs) -> Dict[nn.Module, int]:
-    """Output positions per channel (e.g. H*W) of every conv/linear for ``example_inputs``."""
+    """Output positions per channel (e.g. H*W) of every conv/linear/BatchNorm for
+    ``example_inputs`` (1 for a BatchNorm1d on ``[N, C]``)."""
     area: Dict[nn.Module, int] = {}
     hooks = []
 
@@ -79,7 +80,7 @@ def trace_spatial(model: nn.Module, example_inputs) -> Dict[nn.Module, int]:
                 area[mod] = int(out[0, 0].numel())
 
     for m in model.modules():
-        if isinstance(m, _CONV + (nn.Linear,)):
+        if isinstance(m, _CONV + (nn.Linear,) + SUPPORTED_BN):
             hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():

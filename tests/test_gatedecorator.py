@@ -21,13 +21,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    """Trained-looking BN layers (signed scales, shifts, running stats)."""
+    """Trained-looking BN layers (signed scales, shifts, running stats). |gamma| >= 0.2, so
+    |beta / gamma| stays below the installation's clamp at 10 (see test_shift_clamp)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=gen) * 1.5 - 0.5)
+                w = torch.rand(c, generator=gen) * 1.4 - 0.4
+                m.weight.copy_(torch.where(w.abs() < 0.2, torch.full_like(w, 0.2), w))
                 m.bias.copy_(torch.randn(c, generator=gen) * 0.3)
                 m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
                 m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
@@ -98,6 +100,18 @@ def test_bn_scale_moves_into_gate():
         assert torch.equal(gbn.bn.weight, torch.ones_like(gbn.bn.weight))
         assert not gbn.bn.weight.requires_grad
         assert torch.equal(gbn.mask, torch.ones_like(gbn.mask))
+
+
+def test_shift_clamp():
+    """As the original's extract_from_bn: beta <- clamp(beta / gamma, -10, 10), g <- gamma."""
+    bn = nn.BatchNorm2d(5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1e-3, -1e-3, 0.0, 0.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.5, 0.5, 1.0, 0.0, 1.0]))
+    gbn = GatedBatchNorm(bn)
+    assert torch.equal(gbn.g.detach(), torch.tensor([1e-3, -1e-3, 0.0, 0.0, 0.5]))
+    assert torch.equal(bn.bias.detach(), torch.tensor([10.0, -10.0, 10.0, 0.0, 2.0]))
+    assert torch.equal(bn.weight.detach(), torch.ones(5)) and not bn.weight.requires_grad
 
 
 def test_tracing_leaves_running_stats_and_mode():
@@ -181,32 +195,79 @@ def test_scores_accumulate_taylor():
     assert all(torch.equal(g.score, b) for g, b in zip(gates, before))
 
 
-def test_tick_convenience():
+def test_tick_trains_what_the_original_trains():
+    """The original's tick: conv weights frozen; gates, BN shifts and the final Linear
+    trained by SGD(lr_min=1e-3, momentum 0.9, weight decay 5e-4); scores gathered meanwhile."""
     model = _model("vgg16_bn")
     x, y = _data(16)
     gd = GateDecorator(model, x[:1])
+    model.eval()
     loader = [(x[:8], y[:8]), (x[8:], y[8:])]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    running = {n: gbn.bn.running_mean.clone() for n, gbn in gd.gates.items()}
     out = gd.tick(loader, F.cross_entropy)
     assert out["batches"] == 2 and gd.scored_batches == 2
     assert all(p.grad is None for p in model.parameters())
-    assert gd.tick(loader, F.cross_entropy, num_batches=1)["batches"] == 1
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.endswith("bn.weight"))
+    assert not model.training  # flags restored; the tick itself ran in train mode:
+    assert all(not torch.equal(gbn.bn.running_mean, running[n]) for n, gbn in gd.gates.items())
+    ticked = {id(p) for p in gd.tick_parameters()}
+    assert ticked == {id(p) for p in gd.gate_parameters()} | {id(model.classifier[1].weight),
+                                                               id(model.classifier[1].bias)}
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[n])
+        assert changed == (id(p) in ticked), n
+    # the same two SGD steps by hand (fresh momentum buffers), from the same start
+    ref = _model("vgg16_bn")
+    gd_ref = GateDecorator(ref, x[:1])
+    opt = torch.optim.SGD(gd_ref.tick_parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    ref.train()
+    for xb, yb in loader:
+        ref.zero_grad(set_to_none=True)
+        F.cross_entropy(ref(xb), yb).backward()
+        for mod in ref.modules():
+            if isinstance(mod, nn.Conv2d):
+                for p in mod.parameters():
+                    p.grad = None
+        opt.step()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+    # with your own optimizer (momentum buffers on the convs too): the convs still do not move
+    # (the original's zero_grad kept zero gradients, so its convs drifted by momentum and decay)
+    full = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    full.step()
+    convs = [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.Conv2d)]
+    gd.tick(loader, F.cross_entropy, optimizer=full)
+    assert all(torch.equal(a, m.weight) for a, m in
+               zip(convs, [m for m in model.modules() if isinstance(m, nn.Conv2d)]))
+    # score only (the behaviour before): nothing trains
+    snap = [p.detach().clone() for p in model.parameters()]
+    assert gd.tick(loader, F.cross_entropy, num_batches=1, train=False)["batches"] == 1
+    assert gd.scored_batches == 1
+    assert all(torch.equal(a, p) for a, p in zip(snap, model.parameters()))
 
 
 # ---------------------------------------------------------------------------- prune
 @pytest.mark.parametrize("name", MODELS)
-def test_prune_k_respects_min_ratio_groups_and_ranking(name):
+def test_prune_respects_min_ratio_groups_and_ranking(name):
     model = _model(name)
     x, y = _data(8)
     gd = GateDecorator(model, x[:1], min_keep_ratio=0.5)
     _score(gd, model, x, y)
-    scores = {g.name: gd.group_scores(g.name).clone() for g in gd.groups}
+    scores = gd.ranking_scores()  # flops_eta=0: the member scores' sum, in float64
+    assert all(torch.allclose(gd.group_scores(n).double(), s) for n, s in scores.items())
     k = 25
     chosen = gd.prune(k)
-    assert sum(v.numel() for v in chosen.values()) == k
+    units = sum(v.numel() * gd._group(n).units for n, v in chosen.items())
+    assert units >= k + 1 and gd.history[-1]["units"] == units  # the threshold is entry k
+    assert gd.summary()["units_masked"] == units
     max_chosen = max(float(scores[n][c].max()) for n, c in chosen.items())
+    assert max_chosen == gd.history[-1]["threshold"]
     for g in gd.groups:
         open_ = g.channel_mask()
-        assert int(open_.sum()) >= g.keep_min == max(1, -(-g.m // 2))
+        assert int(open_.sum()) >= g.keep_min == max(1, g.m // 2)
         # all members of a group share the decision
         for _, gbn, idx, _ in g.members:
             assert torch.equal(gbn.mask[idx] > 0, open_)
@@ -214,24 +275,31 @@ def test_prune_k_respects_min_ratio_groups_and_ranking(name):
             assert not open_[chosen[g.name]].any()
         # global ranking: no cheaper channel was skipped where the group could give more
         if int(open_.sum()) > g.keep_min:
-            assert float(scores[g.name][open_].min()) >= max_chosen
+            assert float(scores[g.name][open_].min()) > max_chosen
     # prune up to the limit, then one more is an error that says what to do
-    left = sum(int(g.channel_mask().sum()) - g.keep_min for g in gd.groups)
+    left = sum((int(g.channel_mask().sum()) - g.keep_min) * g.units for g in gd.groups)
     assert gd.max_prunable() == left
-    gd.prune(left)
+    gd.prune(left - 1)
     assert gd.max_prunable() == 0
     with pytest.raises(ValueError, match="min_keep_ratio"):
-        gd.prune(1)
+        gd.prune(0)
 
 
-def test_flops_aware_penalty_prefers_expensive_channels():
+def test_flops_aware_penalty_prefers_large_feature_maps():
+    """The original's term: eta / smallest_area * area * remaining, per BN."""
     model = _model("vgg16_bn")
     x, y = _data(8)
-    gd = GateDecorator(model, x[:1], flops_eta=1e6)
+    eta = 1e3
+    gd = GateDecorator(model, x[:1], flops_eta=eta)
     _score(gd, model, x, y)
-    costs = {g.name: gd.channel_flops(g.name) for g in gd.groups}
+    areas = {n: gbn.out_area for n, gbn in gd.gates.items()}
+    assert areas["features.1"] == 32 * 32 and min(areas.values()) == 2 * 2
+    pen = {n: eta / 4 * areas[n] * gbn.num_features for n, gbn in gd.gates.items()}
+    for n, gbn in gd.gates.items():
+        assert torch.allclose(gd.ranking_scores(n), gbn.score.double() - pen[n])
     chosen = gd.prune(5)
-    assert set(chosen) == {max(costs, key=costs.get)}
+    top = max(pen.values())
+    assert chosen and all(pen[n] == top for n in chosen)
 
 
 # ---------------------------------------------------------------------------- melt
@@ -339,9 +407,9 @@ def test_dpm_released_filters_return_to_normal_and_can_be_picked_again():
     released = []
     gd.engine.on_released(lambda n, c: released.append((n, c.clone())))
     _score(gd, model, x, y)
-    chosen = gd.prune(6)
+    chosen = gd.prune(5)
     _train_steps(model, gd, opt, x, y, 1)
-    assert sum(c.numel() for _, c in released) == 6
+    assert sum(c.numel() for _, c in released) == sum(c.numel() for c in chosen.values()) >= 6
     for n, c in chosen.items():
         assert not gd.engine.is_decaying(n)[c].any()
         assert bool(gd.remaining(n)[c].all())
@@ -349,7 +417,7 @@ def test_dpm_released_filters_return_to_normal_and_can_be_picked_again():
         for _, gbn, idx, _ in gd._group(n).members:
             assert bool(gbn.penalty_mask[idx[c]].all())
     # released channels are candidates again: with the same scores, the same choice
-    again = gd.prune(6)
+    again = gd.prune(5)
     assert {n: c.tolist() for n, c in again.items()} == {n: c.tolist() for n, c in chosen.items()}
 
 
@@ -363,8 +431,10 @@ def test_dpm_decaying_channels_do_not_count_as_remaining():
     second = gd.prune(10)
     for n in set(first) & set(second):
         assert not set(first[n].tolist()) & set(second[n].tolist())
+    n_chosen = sum(c.numel() for c in first.values()) + sum(c.numel() for c in second.values())
+    assert n_chosen >= 22
     total = sum(gd.remaining(g.name).sum() for g in gd.groups)
-    assert int(total) == sum(g.m for g in gd.groups) - 20
+    assert int(total) == sum(g.m for g in gd.groups) - n_chosen
 
 
 def test_gate_l1_value():
@@ -375,10 +445,24 @@ def test_gate_l1_value():
     assert torch.allclose(gd.gate_l1(), 0.5 * full)
     assert torch.allclose(gd.gate_l1(weight=2.0), 2.0 * full)
     _score(gd, model, x, y)
-    chosen = gd.prune(7)
-    masked = sum(gd.gates[n].g.detach()[c].abs().sum() for n, c in chosen.items())
-    assert torch.allclose(gd.gate_l1(weight=1.0), full - masked)
+    gd.prune(7)
+    # as the original: every gate, masked ones included
+    assert torch.allclose(gd.gate_l1(weight=1.0), full)
     assert gd.gate_l1().requires_grad
+    # DPM path: decaying gates are left out, zeroed ones are back (they are exactly 0)
+    model = _model("vgg16_bn")
+    gd = GateDecorator(model, x[:1], decay=DecayConfig(steps=2, self_rectify=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    gd.attach(opt)
+    _score(gd, model, x, y)
+    full = sum(gbn.g.detach().abs().sum() for gbn in gd.gates.values())
+    chosen = gd.prune(7)
+    decaying = sum(gd.gates[n].g.detach()[c].abs().sum() for n, c in chosen.items())
+    assert torch.allclose(gd.gate_l1(weight=1.0), full - decaying)
+    _train_steps(model, gd, opt, x, y, 2)
+    assert gd.summary()["masked"] == sum(c.numel() for c in chosen.values())
+    full = sum(gbn.g.detach().abs().sum() for gbn in gd.gates.values())
+    assert torch.allclose(gd.gate_l1(weight=1.0), full)
 
 
 # ---------------------------------------------------------------------------- resume
@@ -452,7 +536,7 @@ def test_too_many_filters_is_a_clear_error():
     gd = GateDecorator(model, x[:1], min_keep_ratio=0.5)
     _score(gd, model, x, y)
     total = sum(g.m for g in gd.groups)
-    with pytest.raises(ValueError, match=r"at most \d+ can be pruned"):
+    with pytest.raises(ValueError, match=r"at most \d+ can be pruned now, with num = \d+"):
         gd.prune(total)
     assert gd.summary()["masked"] == 0  # nothing happened
 
@@ -502,7 +586,7 @@ def test_dpm_step_skipped_by_grad_scaler_changes_nothing():
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gd.attach(opt)
     _score(gd, model, x, y)
-    gd.prune(5)
+    n_chosen = sum(c.numel() for c in gd.prune(5).values())
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
 
     def step(poison: bool):
@@ -525,4 +609,4 @@ def test_dpm_step_skipped_by_grad_scaler_changes_nothing():
             assert torch.equal(st[key], after["engine"]["groups"][name][key])
     assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
     step(False), step(False)  # decay resumes and finishes: N=3 effective steps in all
-    assert gd.summary()["masked"] == 5 and gd.summary()["decaying"] == 0
+    assert gd.summary()["masked"] == n_chosen and gd.summary()["decaying"] == 0

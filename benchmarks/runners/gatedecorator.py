@@ -1,20 +1,32 @@
-"""Gate Decorator runner (``dpm_gatedecorator.GateDecorator``).
+"""Gate Decorator runner (``dpm_gatedecorator.GateDecorator``), on the original's tick rules.
 
 Schedule (the same for original / +SP / +SR): install the gates on the pre-trained model, build
 SGD over all parameters, ``gd.attach(optimizer)``; then fine-tune for ``epochs`` epochs with the
-L1 gate penalty (``gd.gate_l1()``, weight ``reg``) added to the loss (tock). Pruning rounds
-(tick + prune) happen every ``prune_every`` optimizer steps, starting before the first step:
-round r first gathers Taylor scores over ``score_batches`` batches and then prunes enough filters
-to reach ``ratio * (r + 1) / iterative_steps`` of all gate-group channels (masked and decaying
-channels count as pruned). Filters released by Self-Rectifying are live again, so after the
-``iterative_steps`` rounds further top-up rounds, every ``prune_every`` steps during the first
-two thirds of fine-tuning, prune the deficit: all three methods reach the same target. At the end,
-channels still decaying are zeroed (``engine.zero_now``) and ``gd.melt()`` gives the physically
-smaller model that is evaluated and measured.
+L1 gate penalty (``gd.gate_l1()``, weight ``reg``, over every gate as the original; the DPM
+methods leave decaying gates out) added to the loss (tock). Pruning rounds (tick + prune) happen
+every ``prune_every`` optimizer steps, starting before the first step.
+
+The tick is the original's: ``gd.tick`` scores ``score_batches`` batches while an SGD step after
+each trains everything but the convolutions (the gates, the BN shifts and the classifier; the
+conv weights frozen) at the original's tick learning rate, the schedule's minimum (here
+``finetune_lr / 10``, the original's lr_min / lr_max; ``extra["tick_lr"]`` overrides it), with
+the run's momentum and weight decay (0.9 and 5e-4 by default, the original's).
+
+The decision is the original's rule (``gd.prune``): the budget counts BatchNorm channels (a
+residual channel shared by k BNs costs k units) and ``prune(num)`` prunes every channel scoring
+at most the num-th lowest entry, ties included, plus zero-score channels. The target is in the
+same units, the original's "pruned ratio": round r prunes up to ``ratio * (r + 1) /
+iterative_steps`` of all BN channels (masked and decaying ones count as pruned), by asking for
+``num = need - 1`` (at least ``need`` units go; ties and zero-score channels can add a few).
+``extra["flops_eta"]`` sets the original's FLOPs term (0 by default, as its configs). Filters
+released by Self-Rectifying are live again, so after the ``iterative_steps`` rounds further
+top-up rounds, every ``prune_every`` steps during the first two thirds of fine-tuning, prune the
+deficit: all methods reach the same target. At the end, channels still decaying are zeroed
+(``engine.zero_now``) and ``gd.melt()`` gives the physically smaller model that is evaluated and
+measured.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -40,56 +52,61 @@ class GateDecoratorRunner(BaseRunner):
         train, test = loaders
         decay = decay_config(method, cfg)
         t0 = time.time()
+        flops_eta = float(cfg.extra.get("flops_eta", 0.0))
+        tick_lr = float(cfg.extra.get("tick_lr", cfg.finetune_lr / 10))
         gd = GateDecorator(model, example_inputs, min_keep_ratio=cfg.min_keep_ratio, decay=decay,
-                           sparse_lambda=cfg.reg)
+                           sparse_lambda=cfg.reg, flops_eta=flops_eta)
         opt = make_sgd(model, cfg.finetune_lr, cfg.momentum, cfg.weight_decay)
         gd.attach(opt)
         total_channels = sum(g.m for g in gd.groups)
-        target_total = int(round(cfg.ratio * total_channels))
+        total_units = gd.summary()["units"]
+        target_units = int(round(cfg.ratio * total_units))
         score_loader = TensorLoader(train.images, train.labels, train.batch_size, shuffle=True,
                                     augment=False, mean=train.mean.flatten().tolist(),
                                     std=train.std.flatten().tolist(), seed=cfg.seed + 1)
         steps_per_epoch = len(train)
         total_steps = cfg.epochs * steps_per_epoch
         k = max(1, int(cfg.iterative_steps))
+        n_score = max(1, cfg.score_batches)
         topup_until = (2 * total_steps) // 3
-        state = {"round": 0, "pruned_calls": 0, "capped": 0}
+        state = {"round": 0, "pruned_calls": 0, "capped": 0, "rounds": []}
 
         def pruned_now() -> int:
             s = gd.summary()
-            return int(s["masked"]) + int(s["decaying"])
+            return int(s["units_masked"]) + int(s["units_decaying"])
+
+        def score_batches():
+            it, n = iter(score_loader), 0
+            while n < n_score:
+                try:
+                    yield next(it)
+                except StopIteration:
+                    it = iter(score_loader)
+                    continue
+                n += 1
 
         def do_round(step: int) -> None:
             r = state["round"]
-            goal = int(round(target_total * min(r + 1, k) / k))
+            goal = int(round(target_units * min(r + 1, k) / k))
             need = goal - pruned_now()
             state["round"] += 1
             if need <= 0:
                 return
-            it = iter(score_loader)
-            with gd.scoring():
-                for _ in range(max(1, cfg.score_batches)):
-                    try:
-                        x, y = next(it)
-                    except StopIteration:
-                        it = iter(score_loader)
-                        x, y = next(it)
-                    model.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y).backward()
-            model.zero_grad(set_to_none=True)
-            try:
-                gd.prune(need)
-            except ValueError:
-                # min_keep_ratio caps what can go; prune what is allowed and note it
-                avail = sum(max(0, int(gd.remaining(g.name).sum()) - g.keep_min) for g in gd.groups)
-                if avail > 0:
-                    gd.prune(min(need, avail))
-                state["capped"] += 1
-            state["pruned_calls"] += 1
+            gd.tick(score_batches(), F.cross_entropy, num_batches=n_score, lr=tick_lr,
+                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            avail = gd.max_prunable()  # the candidate pool, in BN-channel units
+            if need > avail:
+                state["capped"] += 1   # min_keep_ratio caps what can go
+            if min(need, avail) > 0:
+                num = min(need, avail) - 1  # the threshold entry: >= min(need, avail) units go
+                gd.prune(num)
+                state["pruned_calls"] += 1
+                state["rounds"].append({"step": step, "goal": goal, "need": need, "num": num,
+                                        "units": gd.history[-1]["units"]})
 
         tracer = SparsityTracer(lambda: model, every=cfg.trace_every,
                                 engine_getter=lambda: gd.engine,
-                                sparsity_fn=lambda: gd.summary()["masked"] / max(1, total_channels))
+                                sparsity_fn=lambda: gd.summary()["units_masked"] / max(1, total_units))
         do_round(0)
         tracer(0, force=True)
 
@@ -97,13 +114,13 @@ class GateDecoratorRunner(BaseRunner):
             if step % max(1, cfg.prune_every) == 0:
                 if state["round"] < k:
                     do_round(step)
-                elif step <= topup_until and pruned_now() < target_total:
+                elif step <= topup_until and pruned_now() < target_units:
                     do_round(step)
             tracer(step)
 
         def epoch_info():
             s = gd.summary()
-            return {"sparsity": s["masked"] / max(1, total_channels),
+            return {"sparsity": s["units_masked"] / max(1, total_units),
                     "decaying": s["decaying"],
                     "released_total": int(s.get("engine", {}).get("released", 0))}
 
@@ -123,8 +140,11 @@ class GateDecoratorRunner(BaseRunner):
         counters, events = engine_summary(gd.engine)
         acc_masked, _ = evaluate(model, test)
         info = {"prune_rounds": state["pruned_calls"], "capped_rounds": state["capped"],
+                "rounds": state["rounds"],
                 "forced_zero_at_end": forced, "gate_channels": total_channels,
-                "target_channels": target_total, "final_summary": summary,
+                "gate_units": total_units, "target_units": target_units,
+                "pruned_units": int(summary["units_masked"]), "tick_lr": tick_lr,
+                "flops_eta": flops_eta, "final_summary": summary,
                 "masked_model_acc": acc_masked, "train_time_s": time.time() - t0}
         return RunResult(model=small, log=log, trace=tracer.trace, counters=counters,
                          events=events, info=info)
