@@ -13,7 +13,9 @@ model uses (a new user's DHSPG held 1 of the subnet's 62 parameters). This modul
   DHSPG / HESSO hand over to their base optimizer (``torch.optim.SGD`` / ``Adam`` /
   ``AdamW``): there is nothing left to prune in a subnet;
 * warns (``RuntimeWarning``, once per optimizer) when an optimizer that still holds replaced
-  parameters is stepped.
+  parameters is stepped;
+* keeps a frozen parameter frozen: 3.0.1's ``prune_param_and_grad`` wraps the pruned tensor in
+  a new ``nn.Parameter`` with ``requires_grad=True`` whatever the old one had.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def record_pruning(model: torch.nn.Module):
     def make(orig):
         def prune_param_and_grad(self, param, preserved_idxes, dim=0):
             new = orig(self, param, preserved_idxes, dim)
+            new.requires_grad_(param.requires_grad)  # 3.0.1 makes frozen params trainable
             _, root, steps = chain.pop(id(param), (None, param, []))
             idx = torch.as_tensor(list(preserved_idxes), dtype=torch.long)
             chain[id(new)] = (new, root, steps + [(int(dim), idx)])

@@ -163,3 +163,20 @@ def test_subnet_optimizer_bad_inputs(tmp_path):
     wrong, _ = build("concat")
     with pytest.raises(ValueError, match="expected"):
         oto.subnet_optimizer(opt, model=wrong)
+
+
+def test_frozen_parameter_stays_frozen(tmp_path):
+    # CARN's mean-shift convs are frozen; the exit conv's outputs are prunable, so OTO prunes
+    # add_mean's input dim, and 3.0.1 would hand back a trainable parameter
+    from test_otov2_sanity import UNPRUNABLE
+
+    model, x = build("carn")
+    oto = OTO(model, x[:1])
+    oto.mark_unprunable_by_param_names(param_names=UNPRUNABLE["carn"])
+    with torch.no_grad():  # zero one output channel of the exit conv (its own group)
+        model.exit.weight[0] = 0
+        model.exit.bias[0] = 0
+    shape = model.add_mean.weight.shape
+    oto.construct_subnet(out_dir=str(tmp_path))
+    assert model.add_mean.weight.shape != shape  # it was pruned
+    assert not model.add_mean.weight.requires_grad and not model.add_mean.bias.requires_grad
