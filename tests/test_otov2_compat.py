@@ -357,3 +357,16 @@ def test_guard_partition_shims_moved(shim, target, monkeypatch):
         fn()
     assert shim in str(e.value)
     _expect_versions(str(e.value))
+
+
+def test_zig_slices_take_a_repeated_param_once():
+    # dpm_otov2.zig: a param listed twice with the same transform is one slice (the engine
+    # refuses a tensor listed twice in one group), once per distinct transform otherwise
+    from only_train_once.transform import TensorTransform as TT
+
+    from dpm_otov2.zig import zig_slices
+
+    w, b = torch.nn.Parameter(torch.randn(4, 2, 3, 3)), torch.nn.Parameter(torch.randn(4))
+    group = {"id": "g", "num_groups": 4, "params": [w, b, w, b],
+             "p_transform": [TT.BASIC] * 4, "is_prunable": True, "is_auxiliary": False}
+    assert [id(s[0]) for s in zig_slices(group)] == [id(w), id(b)]
