@@ -183,10 +183,13 @@ def _old_state(optimizer, p, name) -> dict:
         return dict(optimizer.state.get(p, {}))
     st = {}
     variant = optimizer.param_groups[0].get("variant", "sgd")
-    pname = next((n for g in optimizer.param_groups
-                  for n, q in zip(g.get("p_names", ()), g["params"]) if q is p), name)
-    first = getattr(optimizer, "first_moment_grads", {}).get(pname)
-    second = getattr(optimizer, "second_moment_grads", {}).get(pname)
+    i, j = next((i, j) for i, g in enumerate(optimizer.param_groups)
+                for j, q in enumerate(g["params"]) if q is p)
+    # HESSO's buffer names (only_train_once 3.0.1 HESSO.compute_grad_variant)
+    first = getattr(optimizer, "first_moment_grads", {}).get(
+        f"grad_first_moment_buffer_group_{i}_param_{j}")
+    second = getattr(optimizer, "second_moment_grads", {}).get(
+        f"grad_second_moment_buffer_group_{i}_param_{j}")
     if variant == "sgd":
         if first is not None:
             st["momentum_buffer"] = first

@@ -57,7 +57,7 @@ def test_subnet_continues_exactly_like_the_full_model(kind, make_opt, tmp_path):
     model, oto, opt, x, y = _trained(kind, make_opt)
     np.random.seed(0)
     oto.random_set_zero_groups()
-    full, full_opt = copy.deepcopy(model), None
+    full = copy.deepcopy(model)
     full_opt = type(opt)([dict(g, params=[dict(full.named_parameters())[n] for n in names])
                           for g, names in zip(opt.param_groups, _group_names(model, opt))])
     full_opt.load_state_dict(opt.state_dict())
@@ -180,3 +180,25 @@ def test_frozen_parameter_stays_frozen(tmp_path):
     oto.construct_subnet(out_dir=str(tmp_path))
     assert model.add_mean.weight.shape != shape  # it was pruned
     assert not model.add_mean.weight.requires_grad and not model.add_mean.bias.requires_grad
+
+
+@pytest.mark.parametrize("variant", ["sgd", "adam"])
+def test_hesso_hands_over_with_its_moments(variant, tmp_path):
+    # HESSO keeps its moment buffers by parameter name outside optimizer.state
+    kw = dict(lr=0.05, variant=variant, first_momentum=0.9, target_group_sparsity=0.4,
+              start_pruning_step=1, pruning_steps=2)
+    model, oto, opt, x, y = _trained("vgg_bn", lambda oto, m: oto.hesso(**kw), steps=5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    old = {names[id(p)]: opt.first_moment_grads[f"grad_first_moment_buffer_group_{i}_param_{j}"]
+           .clone() for i, g in enumerate(opt.param_groups) for j, p in enumerate(g["params"])
+           if f"grad_first_moment_buffer_group_{i}_param_{j}" in opt.first_moment_grads}
+    assert len(old) == len(names)
+    oto.construct_subnet(out_dir=str(tmp_path))
+    new = oto.subnet_optimizer(opt)
+    assert type(new) is (torch.optim.SGD if variant == "sgd" else torch.optim.Adam)
+    key = "momentum_buffer" if variant == "sgd" else "exp_avg"
+    record = oto._prune_record
+    for name, q in model.named_parameters():
+        if name in old:
+            assert torch.equal(new.state[q][key], record.slice(name, old[name])), name
+    _step(model, new, x, y)
