@@ -202,3 +202,15 @@ def test_hesso_hands_over_with_its_moments(variant, tmp_path):
         if name in old:
             assert torch.equal(new.state[q][key], record.slice(name, old[name])), name
     _step(model, new, x, y)
+
+
+def test_guard_prune_record_moved(monkeypatch):
+    from dpm_otov2 import compat
+    from dpm_otov2.subnet import _prune_ops_classes, record_pruning
+
+    for cls in _prune_ops_classes():
+        monkeypatch.setattr(cls, "prune_param_and_grad", None)
+    with pytest.raises(compat.OTOCompatError) as e:
+        with record_pruning(torch.nn.Linear(2, 2)):
+            pass
+    assert "subnet_record" in str(e.value) and torch.__version__ in str(e.value)
