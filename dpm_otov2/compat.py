@@ -52,10 +52,19 @@ Shims (name -> what it bridges; ``apply()`` returns the names of those it instal
     :func:`params_device` is a context manager that makes ``Tensor.cuda()`` return the tensor
     on the optimizer's parameter device for the duration of that call only;
     :class:`dpm_otov2.HESSO` uses it (no other code of HESSO calls ``.cuda()``).
+``hesso_plain``
+    The same for the unchanged class: ``only_train_once.optimizer.HESSO
+    .identify_redundant_groups`` is wrapped in :func:`params_device` (the parameters'
+    device), so ``only_train_once.OTO(...).hesso(...)`` also runs on CPU-only machines.
 
-Not shimmed because not broken: OTO's dependency-graph partition, ``get_param_groups()``,
+Partition shims (:mod:`dpm_otov2.compat_graph`): ``groupnorm_params`` (``nn.GroupNorm``
+models raised ``TypeError``), ``norm_partition`` (channel LayerNorm / GroupNorm groups are
+not zero-invariant: marked unprunable), ``shared_params`` (a weight-shared parameter listed
+once per call site in one group: listed once), ``trace_adaptive_pool`` (a clear error
+naming the dummy-input size that traces). With them, OTO's upstream sanity-check
+architectures pass at small sizes (``tests/test_otov2_sanity.py``);
 ``construct_subnet(ckpt_format='torch')``, ``compute_flops`` and ``compute_num_params`` run
-unchanged once the import works (tested in ``tests/test_otov2_compat.py``).
+unchanged.
 """
 
 from __future__ import annotations
@@ -177,6 +186,28 @@ def _shim_oto_dhspg() -> bool:
     from .optim import _oto_dhspg_factory
 
     optmod.DHSPG = _oto_dhspg_factory
+    return True
+
+
+def _shim_hesso_plain() -> bool:
+    """``only_train_once.optimizer.HESSO.identify_redundant_groups`` under params_device."""
+    from only_train_once.optimizer import HESSO
+
+    orig = getattr(HESSO, "identify_redundant_groups", None)
+    if not callable(orig):
+        raise _fail("hesso_plain", "HESSO.identify_redundant_groups is gone")
+    if getattr(orig, "_dpm_shim", False):
+        return False
+
+    @functools.wraps(orig)
+    def identify_redundant_groups(self, *args, **kwargs):
+        device = next((p.device for g in self.param_groups for p in g["params"]),
+                      torch.device("cpu"))
+        with params_device(device):
+            return orig(self, *args, **kwargs)
+
+    identify_redundant_groups._dpm_shim = True
+    HESSO.identify_redundant_groups = identify_redundant_groups
     return True
 
 
@@ -306,6 +337,11 @@ def apply() -> list[str]:
 
         if not callable(getattr(HESSO, "identify_redundant_groups", None)):
             raise _fail("hesso_device", "HESSO.identify_redundant_groups is gone")
+        if _shim_hesso_plain():
+            _applied.append("hesso_plain")
+        from .compat_graph import apply_graph_shims
+
+        _applied.extend(apply_graph_shims())
         _done = True
         return list(_applied)
 

@@ -53,9 +53,37 @@ class OTO(only_train_once.OTO):
         return hesso(self, lr, decay=decay, **kwargs)
 
     def construct_subnet(self, *args, **kwargs):
-        """As in only-train-once; ``ckpt_format='onnx'`` uses the TorchScript exporter."""
-        with compat.legacy_onnx_export():
-            return super().construct_subnet(*args, **kwargs)
+        """As in only-train-once; ``ckpt_format='onnx'`` uses the TorchScript exporter.
+
+        It prunes the model in place (new, smaller parameters). What became of each
+        parameter is recorded for :meth:`subnet_optimizer`, and an optimizer that still
+        holds replaced parameters warns (:class:`~dpm_otov2.subnet.StaleOptimizerWarning`)
+        when it is stepped.
+        """
+        from .subnet import record_pruning
+
+        with compat.legacy_onnx_export(), record_pruning(self._model) as record:
+            out = super().construct_subnet(*args, **kwargs)
+        self._prune_record = record
+        return out
+
+    def subnet_optimizer(self, optimizer, model=None):
+        """Keep training the subnet: a new optimizer with ``optimizer``'s state carried.
+
+        Same class and per-group hyper-parameters over the pruned model's parameters, each
+        per-parameter state tensor (momentum buffer, Adam moments) sliced to the kept
+        positions; a :class:`DHSPG` / HESSO hands over to ``torch.optim.SGD`` / ``Adam`` /
+        ``AdamW`` with its lr, momentum, betas and weight decay. ``model``: the pruned model
+        (default: the one this OTO traced, which ``construct_subnet`` pruned in place; a
+        copy from :meth:`compressed_model` works too). See :mod:`dpm_otov2.subnet`.
+        """
+        from .subnet import subnet_optimizer
+
+        record = getattr(self, "_prune_record", None)
+        if record is None:
+            raise RuntimeError("subnet_optimizer: call construct_subnet(...) first (on this "
+                               "dpm_otov2.OTO); it records how each parameter was pruned")
+        return subnet_optimizer(optimizer, record, self._model if model is None else model)
 
     def compressed_model(self, map_location=None):
         """Load the model ``construct_subnet`` wrote (see :func:`compat.load_subnet`)."""

@@ -36,6 +36,11 @@ def _transform_enum():
 def zig_slices(group: dict, aux_groups: dict | None = None) -> list[tuple]:
     """``(param, dim, index_or_None)`` slices of the ZIGs of one OTO param group.
 
+    A parameter OTO lists more than once with the same transform (a module applied twice,
+    e.g. a shared conv: only-train-once 3.0.1 lists its weight once per call site) is
+    taken once: it is one tensor, its ZIG rows are the same rows, and the decay engine
+    refuses a tensor listed twice in one group.
+
     Raises:
         ValueError: when a param's shape does not split into ``num_groups`` rows the way its
             transform says (a model OTO's graph builder got wrong, or an unknown transform).
@@ -46,10 +51,12 @@ def zig_slices(group: dict, aux_groups: dict | None = None) -> list[tuple]:
     out: list[tuple] = []
     names = group.get("p_names") or [f"param{i}" for i in range(len(group["params"]))]
     transforms = group.get("p_transform") or [TT.BASIC] * len(group["params"])
+    seen: set[tuple[int, int]] = set()
     for name, p, tr in zip(names, group["params"], transforms):
         tr = int(tr)
-        if tr in (TT.NO_PRUNE, TT.NO_UPDATE):
+        if tr in (TT.NO_PRUNE, TT.NO_UPDATE) or (id(p), tr) in seen:
             continue
+        seen.add((id(p), tr))
         if p.dim() == 0:
             raise ValueError(f"OTO group {gid!r}: param {name!r} is a scalar; cannot split it "
                              f"into {m} zero-invariant groups")

@@ -4,8 +4,9 @@ This follows only-train-once's own OTOv2 tutorial (train with DHSPG, construct t
 compare FLOPs / params) on scikit-learn's bundled digits data, so that it runs on a CPU in
 about a minute with no download. It trains the same model twice, with the original
 single-step half-space projection (``decay=None``) and with DPM
-(``decay=DecayConfig(...)``), and prints group sparsity, accuracy, FLOPs and parameters of
-both constructed subnets.
+(``decay=DecayConfig(...)``), prints group sparsity, accuracy, FLOPs and parameters of
+both constructed subnets, and fine-tunes each subnet with the optimizer state carried over
+(``oto.subnet_optimizer(optimizer)``).
 
 The changes against an OTO tutorial script are marked ``# <-- DPM``:
 
@@ -121,10 +122,25 @@ def run(args, decay, out_dir):
     with torch.no_grad():
         max_diff = (subnet.eval()(probe) - y_full).abs().max().item()
     print(f"  subnet vs full group-sparse model: max |diff| = {max_diff:.2e}")
+
+    # keep training the compressed model: construct_subnet pruned `model` in place; the
+    # optimizer's state (momentum buffers) is sliced to the kept channels
+    ft_optimizer = oto.subnet_optimizer(optimizer)  # DHSPG hands over to torch.optim.SGD
+    for epoch in range(args.finetune_epochs):
+        model.train()
+        for x, y in trainloader:
+            loss = F.cross_entropy(model(x), y)
+            ft_optimizer.zero_grad()
+            loss.backward()
+            ft_optimizer.step()
+    acc_ft = accuracy(model, testloader)
+    if args.finetune_epochs:
+        print(f"  fine-tuned the subnet {args.finetune_epochs} epoch(s): acc {acc_ft:.3f}")
     return {
         "group_sparsity": optimizer.compute_group_sparsity(),
         "acc_full": full_acc,
         "acc_subnet": accuracy(subnet, testloader),
+        "acc_finetuned": acc_ft,
         "flops_full": full_flops, "flops_subnet": sub_flops,
         "params_full": full_params, "params_subnet": sub_params,
         "released": 0 if optimizer.engine is None else optimizer.engine.counters["released"],
@@ -146,6 +162,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="DPM: decaying steps N")
     ap.add_argument("--t-rate", type=float, default=0.3)
     ap.add_argument("--t-len", type=float, default=0.8)
+    ap.add_argument("--finetune-epochs", type=int, default=1,
+                    help="epochs of training the subnet after construct_subnet")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for models this small)")
     args = ap.parse_args()
@@ -162,10 +180,11 @@ def main():
             results[label]["seconds"] = time.time() - t0
 
     print()
-    print(f"{'':22s} {'group sp.':>9s} {'acc':>6s} {'FLOPs (M)':>17s} {'params (M)':>17s} "
-          f"{'released':>8s} {'time':>6s}")
+    print(f"{'':22s} {'group sp.':>9s} {'acc':>6s} {'ft acc':>6s} {'FLOPs (M)':>17s} "
+          f"{'params (M)':>17s} {'released':>8s} {'time':>6s}")
     for label, r in results.items():
         print(f"{label:22s} {r['group_sparsity']:9.3f} {r['acc_subnet']:6.3f} "
+              f"{r['acc_finetuned']:6.3f} "
               f"{r['flops_full']:7.2f} -> {r['flops_subnet']:6.2f} "
               f"{r['params_full']:7.3f} -> {r['params_subnet']:6.3f} "
               f"{r['released']:8d} {r['seconds']:5.1f}s")

@@ -7,6 +7,8 @@ messages (so the documentation cannot drift from the behaviour).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from pathlib import Path
 
@@ -209,6 +211,26 @@ def c_oto_variant():
     _oto().dhspg(lr=0.1, variant="rmsprop")
 
 
+def c_oto_adaptive_pool_size():
+    from dpm_otov2 import OTO
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d((7, 7)), nn.Flatten(), nn.Linear(4 * 49, 2))
+    OTO(model, torch.randn(1, 3, 8, 8))  # a 4x4 map cannot be pooled to 7x7 by ONNX
+
+
+def c_oto_subnet_optimizer_early():
+    oto = _oto()
+    oto.subnet_optimizer(torch.optim.SGD(oto._model.parameters(), lr=0.1))
+
+
+def c_oto_subnet_optimizer_foreign():
+    import tempfile
+    oto = _oto()
+    with contextlib.redirect_stdout(io.StringIO()):
+        oto.construct_subnet(out_dir=tempfile.mkdtemp())
+    oto.subnet_optimizer(torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1))
+
+
 CASES = [
     ("config-steps-zero", "`DecayConfig(steps=0)`", c_steps_zero, ValueError,
      "DecayConfig.steps must be an int >= 1"),
@@ -273,6 +295,15 @@ CASES = [
      ValueError, "target_group_sparsity must be < 1.0"),
     ("oto-variant", "`oto.dhspg(variant='rmsprop')`", c_oto_variant, ValueError,
      "variant must be one of ['adam', 'adamw', 'sgd']"),
+    ("oto-adaptive-pool-size", "`OTO(model, x)` where an `AdaptiveAvgPool2d((7, 7))` gets a "
+     "4x4 map", c_oto_adaptive_pool_size, ValueError,
+     "a dummy input of 14x14 (or any size at which the pooled map is a multiple of the "
+     "output size) traces"),
+    ("oto-subnet-optimizer-early", "`oto.subnet_optimizer(opt)` before `construct_subnet`",
+     c_oto_subnet_optimizer_early, RuntimeError, "call construct_subnet(...) first"),
+    ("oto-subnet-optimizer-foreign", "`oto.subnet_optimizer(opt)` for another model's "
+     "optimizer", c_oto_subnet_optimizer_foreign, ValueError,
+     "was not a parameter of the model when construct_subnet ran"),
 ]
 
 
