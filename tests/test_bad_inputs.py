@@ -209,6 +209,22 @@ def c_oto_variant():
     _oto().dhspg(lr=0.1, variant="rmsprop")
 
 
+def c_oto_tolerance():
+    _oto().dhspg(lr=0.1, target_group_sparsity=0.3, tolerance_group_sparsity=0.5)
+
+
+def c_oto_unreachable():
+    _oto().dhspg(lr=0.1, target_group_sparsity=0.95)  # 2 x 8 groups, each layer keeps one
+
+
+def c_oto_l1_sgd():
+    _oto().dhspg(lr=0.1, weight_decay=1e-4, weight_decay_type="l1_norm")
+
+
+def c_oto_moment_init_sgd():
+    _oto().dhspg(lr=0.1, moment_init="zero")
+
+
 CASES = [
     ("config-steps-zero", "`DecayConfig(steps=0)`", c_steps_zero, ValueError,
      "DecayConfig.steps must be an int >= 1"),
@@ -273,6 +289,16 @@ CASES = [
      ValueError, "target_group_sparsity must be < 1.0"),
     ("oto-variant", "`oto.dhspg(variant='rmsprop')`", c_oto_variant, ValueError,
      "variant must be one of ['adam', 'adamw', 'sgd']"),
+    ("oto-tolerance-above-target",
+     "`oto.dhspg(target_group_sparsity=0.3, tolerance_group_sparsity=0.5)`", c_oto_tolerance,
+     ValueError, "tolerance_group_sparsity=0.5 is larger than target_group_sparsity=0.3"),
+    ("oto-target-unreachable", "`oto.dhspg(target_group_sparsity=0.95)` on 2 layers of 8 groups",
+     c_oto_unreachable, ValueError, "target_group_sparsity=0.95 cannot be reached"),
+    ("oto-l1-decay-not-adamw", "`oto.dhspg(weight_decay_type='l1_norm')` with variant 'sgd'",
+     c_oto_l1_sgd, ValueError, "weight_decay_type='l1_norm' (decoupled group-L1 decay) needs "
+     "variant='adamw'"),
+    ("oto-moment-init-sgd", "`oto.dhspg(moment_init='zero')` with variant 'sgd'",
+     c_oto_moment_init_sgd, ValueError, "variant='sgd' has none"),
 ]
 
 
