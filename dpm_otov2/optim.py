@@ -1,29 +1,38 @@
 """DHSPG: OTOv2's Dual Half-Space Projected Gradient, with optional Decay Pruning.
 
 Written from the OTOv2 paper (Chen et al., "OTOv2: Automatic, Generic, User-Friendly",
-ICLR 2023, Algorithm 2) on only-train-once 3.0.1's param groups. Per step ``t``:
+ICLR 2023, Algorithm 2) and the rules of only-train-once 2.x's
+``only_train_once/optimizer/dhspg.py`` (identical to the 2.0.16 release), on
+only-train-once 3.0.1's param groups. With ``decay=None`` it follows that DHSPG step for
+step (tested against a float64 re-statement of its rules, ``tests/test_otov2_dhspg_upstream.py``).
+Per step, with ``n`` = the number of steps *including* this one:
 
-1. *Gradient estimate.* ``d = grad`` (+ ``weight_decay * x`` unless ``adamw``), then SGD
-   momentum (``buf = m * buf + (1 - dampening) * d``) or Adam's bias-corrected
-   ``m_hat / (sqrt(v_hat) + 1e-8)``. Every parameter takes the trial step
-   ``x_hat = x - lr * d`` (``adamw`` also ``- lr * weight_decay * x``).
-2. *Partition* (once, at ``partition_step``). Every zero-invariant group (ZIG, see
-   :mod:`dpm_otov2.zig`) gets a redundancy score ``0.5 * cos(-x, -d) / ||cos|| +
-   0.5 * (1 / avg|x|) / ||1 / avg|x|||`` (avg|x| = ||x|| / row width; the norms are over all
-   ZIGs of the model). The ``K = int(total * min(target + tolerance, 0.999))`` highest scores
-   form G_p, the magnitude-penalised groups; the rest G_np. Per OTO group the number of kept
-   (G_np) ZIGs is rounded to a multiple of ``group_divisible`` (groups with
-   ``num_groups <= group_divisible`` are never penalised).
-3. *Penalty* (G_p, until the target group sparsity is reached).
-   ``x_hat -= lr * lambda_g * x / ||x||`` with ``lambda_g = lmbda``, except, from
-   ``warm_up_steps`` on, for ZIGs whose gradient pushes them outwards (``<x, d> < 0``):
-   ``lambda_g = clip(lmbda_amplify * (-<x, d> / ||x||), lmbda, lmbda * hat_lmbda_coeff)``;
-   the lower bound makes the step shrink ``||x||``, and if ``lambda_g`` reaches the upper
-   bound ``||d||^2 ||x|| / -<x, d>`` (beyond which ``-(d + lambda_g x/||x||)`` stops being a
-   descent direction of f) it becomes the mid-point of the two bounds.
-4. *Half-space projection* (G_p, from ``half_space_project_steps`` and ``warm_up_steps``
-   on): a ZIG whose trial point left the half-space, ``<x_hat, x> < epsilon * ||x||^2``, is
-   set to exactly 0 in one step and, with ``fixed_zero_groups``, never updated again.
+1. *Direction.* ``d = grad`` (+ ``weight_decay * x`` unless ``adamw``), then SGD
+   momentum (buffer starts at ``d``, then ``m * buf + (1 - dampening) * d``) or Adam:
+   with ``moment_init="gradient"`` (default, OTOv2) the buffers start at ``g`` and ``g^2``
+   (no ``1 - beta`` factor), then ``beta * buf + (1 - beta) * g``, bias-corrected by
+   ``1 - beta ** n``; ``moment_init="zero"`` is ``torch.optim.Adam``. ``d = m_hat /
+   (sqrt(v_hat) + 1e-8)``. Every parameter takes the trial step ``x_hat = x - lr * d``
+   (``adamw`` also ``- lr * weight_decay * x``; with ``weight_decay_type="l1_norm"`` the
+   ZIG rows take ``- lr * weight_decay * x / (||x|| + 1e-8)`` instead).
+2. *Partition* (once, at the step with ``n - 1 == partition_step``). Every zero-invariant
+   group (ZIG, see :mod:`dpm_otov2.zig`) gets a redundancy score
+   (:func:`~dpm_otov2.dhspg_rules.redundancy_scores`); the
+   ``K = int(total * min(target + tolerance, 0.999))`` highest scores are redundant. Per
+   OTO group (layer) the number of kept ZIGs (G_np) is rounded to a multiple of
+   ``group_divisible``, **at least one multiple**, so no layer is ever removed entirely
+   (:func:`~dpm_otov2.dhspg_rules.num_kept`); the layer's least redundant ZIGs are kept, the
+   rest form G_p, the magnitude-penalised groups. Layers with ``num_groups <=
+   group_divisible`` are never penalised. (The rounding can leave G_p short of the target;
+   a ``RuntimeWarning`` says so.)
+3. *Penalty* (G_p, while zero ZIGs < target, checked on the state after the previous step).
+   ``x_hat -= lr * lambda_g * x / (||x|| + 1e-8)`` with ``lambda_g = lmbda`` while
+   ``n < warm_up_steps``, afterwards the adaptive lambda for ZIGs whose direction pushes
+   them outwards (:func:`~dpm_otov2.dhspg_rules.adaptive_lambdas`).
+4. *Half-space projection* (G_p, when ``n >= half_space_project_steps`` and
+   ``n >= warm_up_steps``): a ZIG whose trial point left the half-space,
+   ``<x_hat, x> < epsilon * ||x||^2``, is set to exactly 0 in one step. Zero ZIGs stay 0
+   when ``fixed_zero_groups`` or ``n > half_space_project_steps``.
 
 ``decay=DecayConfig(...)`` replaces the single-step projection of 4. by the Decay Pruning
 Method (paper section 4.1): a ZIG the projection would zero instead takes its penalty-free
@@ -36,13 +45,18 @@ DHSPG never writes its penalty into ``.grad``, it adds it to the trial point, so
 out for decaying ZIGs makes both their update and the engine's Self-Rectifying criteria
 C_rate / C_len penalty-free, as section 3.2 "Special Situations" asks). Released ZIGs leave
 G_p and train normally; G_p is topped up to K at the next step from G_np (best redundancy
-scores), skipping ZIGs released less than ``release_cooldown`` steps ago, and again every
-``release_cooldown`` steps while it is short and the target is not reached, so a released
-ZIG may be classified redundant again later. Decaying ZIGs count towards the target.
+scores, with the same keep-per-layer rule), skipping ZIGs released less than
+``release_cooldown`` steps ago, and again every ``release_cooldown`` steps while it is
+short and the target is not reached, so a released ZIG may be classified redundant again
+later. Decaying ZIGs count towards the target. These are the only places where the DPM
+path differs from OTOv2's rules.
 
-Differences to the 2.0.16 package (documented, deliberate): the per-group
-``upper_group_sparsity`` cap of the projection (1.0 = no cap in all shipped configs) is not
-supported; the optimizer is deterministic (no ``randperm``), and runs on any device.
+Deliberate differences to the 2.x package (also in docs/otov2.md, with reasons): no
+per-group ``upper_group_sparsity`` cap (1.0 = no cap in every shipped config);
+deterministic tie-breaking (no ``randperm``); any device; the target counts zero groups
+exactly (``zero >= ceil(total * target)``; 2.x pads its denominator by 1e-6 per group
+type); a lone ``partition_step`` or ``half_space_project_steps`` is honoured (2.x ignores
+it unless both are given); bad or inconsistent settings raise instead of being accepted.
 """
 
 from __future__ import annotations
@@ -119,15 +133,25 @@ class DHSPG(Optimizer):
         second_momentum: Adam beta2.
         dampening: SGD dampening.
         weight_decay: L2 (coupled for sgd/adam, decoupled for adamw).
+        weight_decay_type: ``"l2_norm"`` or (``adamw`` only) ``"l1_norm"``: decoupled
+            group-L1 decay ``lr * weight_decay * x / ||x||`` on ZIG rows (OTOv2's option).
+        moment_init: Adam only. ``"gradient"`` (default, OTOv2): the moment buffers start
+            at g and g^2 and are bias-corrected by the optimizer's step count; ``"zero"``:
+            ``torch.optim.Adam``.
         lmbda, lmbda_amplify, hat_lmbda_coeff: group-sparsity penalty and its adaptation.
         epsilon: half-space projection threshold in [0, 1).
-        target_group_sparsity: fraction of ZIGs to zero, in [0, 1).
-        tolerance_group_sparsity: extra fraction in G_p.
+        target_group_sparsity: fraction of ZIGs to zero, in [0, 1). Must be reachable with
+            every layer keeping ``group_divisible`` ZIGs (else ``ValueError``).
+        tolerance_group_sparsity: extra fraction in G_p (default 0.05, OTOv2's); not larger
+            than the target.
         start_pruning_step: default for ``partition_step`` and ``half_space_project_steps``.
             (``start_pruning_steps``, the 2.0.x name, is accepted too.)
-        partition_step: step at which ZIGs are split into G_p / G_np.
-        half_space_project_steps: first step of the half-space projection.
-        warm_up_steps: steps with a fixed lambda and no projection.
+        partition_step: the partition happens at the step after ``partition_step`` steps.
+        half_space_project_steps: the projection acts from the ``half_space_project_steps``-th
+            step on (counting from 1, as OTOv2; with ``partition_step`` = this value both
+            start at the same step).
+        warm_up_steps: the first ``warm_up_steps - 1`` steps use a fixed lambda and no
+            projection (OTOv2's count).
         group_divisible: kept ZIGs per OTO group are a multiple of this.
         fixed_zero_groups: keep zero ZIGs at exactly 0.
         decay: ``None`` (single-step projection, the original) or a
