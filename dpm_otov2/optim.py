@@ -163,7 +163,7 @@ class DHSPG(Optimizer):
                  second_momentum=None, dampening=None, weight_decay=None, lmbda=None,
                  lmbda_amplify=None, hat_lmbda_coeff=None, epsilon: float = 0.0,
                  target_group_sparsity: float = 0.5, tolerance_group_sparsity=None,
-                 start_pruning_step: int = 0, partition_step=None,
+                 start_pruning_step=None, partition_step=None,
                  half_space_project_steps=None, warm_up_steps: int = 0,
                  group_divisible: int = 1, fixed_zero_groups: bool = True, decay=None,
                  release_cooldown=None, momentum=None, start_pruning_steps=None,
@@ -176,7 +176,27 @@ class DHSPG(Optimizer):
                 raise ValueError("DHSPG: give either momentum or first_momentum, not both")
             first_momentum = momentum
         if start_pruning_steps is not None:
+            if start_pruning_step is not None and start_pruning_step != start_pruning_steps:
+                raise ValueError("DHSPG: give either start_pruning_step or its 2.0.x spelling "
+                                 "start_pruning_steps, not both")
             start_pruning_step = start_pruning_steps
+        if start_pruning_step is None:
+            start_pruning_step = 0
+        elif partition_step is not None and half_space_project_steps is not None:
+            raise ValueError(
+                f"DHSPG: start_pruning_step={start_pruning_step!r} only sets the defaults of "
+                f"partition_step and half_space_project_steps, and both are given "
+                f"({partition_step!r}, {half_space_project_steps!r}); drop one of them")
+        if release_cooldown is not None and decay is None:
+            raise ValueError("DHSPG: release_cooldown is the Decay Pruning Method's (steps a "
+                             "released group stays out of G_p); it needs decay=DecayConfig(...)")
+        if variant == "sgd" and second_momentum:
+            raise ValueError(f"DHSPG: second_momentum={second_momentum!r} is Adam's beta2; "
+                             f"variant='sgd' has no second moment (use variant='adam')")
+        if variant != "sgd" and dampening:
+            raise ValueError(f"DHSPG: dampening={dampening!r} is SGD's; variant={variant!r} "
+                             f"averages its moments with beta1 / beta2 (first_momentum / "
+                             f"second_momentum)")
         d = DEFAULT_OPT_PARAMS[variant]
         pick = lambda v, k: d[k] if v is None else v  # noqa: E731
         first_momentum = pick(first_momentum, "first_momentum")
@@ -755,7 +775,7 @@ def dhspg(oto, lr: float = 0.1, *, decay=None, device=None, pruning_steps=None,
 def _oto_dhspg_factory(params, lr=0.1, weight_decay=None, first_momentum=None,
                        second_momentum=None, dampening=None, variant="sgd",
                        target_group_sparsity=0.5, tolerance_group_sparsity=None,
-                       start_pruning_step=0, pruning_periods=1, pruning_steps=1,
+                       start_pruning_step=None, pruning_periods=1, pruning_steps=1,
                        group_divisible=1, fixed_zero_groups=True,
                        importance_score_criteria="default", device=None, **kwargs) -> DHSPG:
     """What only-train-once 3.0.1's ``OTO.dhspg`` calls as ``optimizer.DHSPG(...)``.

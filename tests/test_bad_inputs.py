@@ -225,6 +225,18 @@ def c_oto_moment_init_sgd():
     _oto().dhspg(lr=0.1, moment_init="zero")
 
 
+def c_oto_start_and_both_steps():
+    _oto().dhspg(lr=0.1, start_pruning_step=3, partition_step=1, half_space_project_steps=2)
+
+
+def c_oto_cooldown_no_decay():
+    _oto().dhspg(lr=0.1, release_cooldown=5)
+
+
+def c_oto_adam_dampening():
+    _oto().dhspg(lr=0.1, variant="adam", dampening=0.1)
+
+
 CASES = [
     ("config-steps-zero", "`DecayConfig(steps=0)`", c_steps_zero, ValueError,
      "DecayConfig.steps must be an int >= 1"),
@@ -299,6 +311,14 @@ CASES = [
      "variant='adamw'"),
     ("oto-moment-init-sgd", "`oto.dhspg(moment_init='zero')` with variant 'sgd'",
      c_oto_moment_init_sgd, ValueError, "variant='sgd' has none"),
+    ("oto-start-and-both-steps",
+     "`oto.dhspg(start_pruning_step=3, partition_step=1, half_space_project_steps=2)`",
+     c_oto_start_and_both_steps, ValueError,
+     "start_pruning_step=3 only sets the defaults of partition_step and half_space_project_steps"),
+    ("oto-cooldown-without-decay", "`oto.dhspg(release_cooldown=5)` with `decay=None`",
+     c_oto_cooldown_no_decay, ValueError, "it needs decay=DecayConfig(...)"),
+    ("oto-adam-dampening", "`oto.dhspg(variant='adam', dampening=0.1)`", c_oto_adam_dampening,
+     ValueError, "dampening=0.1 is SGD's"),
 ]
 
 

@@ -122,6 +122,12 @@ def _cnn_oto():
     (dict(weight_decay_type="l1_norm"), "needs variant='adamw'"),
     (dict(moment_init="zero"), "variant='sgd' has none"),
     (dict(variant="adam", moment_init="ones"), "moment_init must be 'gradient'"),
+    (dict(start_pruning_step=3, partition_step=1, half_space_project_steps=2),
+     "only sets the defaults"),
+    (dict(start_pruning_step=3, start_pruning_steps=4), "not both"),
+    (dict(release_cooldown=5), "needs decay=DecayConfig"),
+    (dict(second_momentum=0.99), "variant='sgd' has no second moment"),
+    (dict(variant="adam", dampening=0.1), "dampening=0.1 is SGD's"),
 ])
 def test_inconsistent_settings_are_clear_errors(kwargs, match):
     _, oto = _cnn_oto()
