@@ -68,7 +68,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from .dhspg_rules import SAFE as _SAFE
-from .dhspg_rules import adaptive_lambdas, num_kept, redundancy_scores, wide
+from .dhspg_rules import adaptive_lambdas, num_kept, redundancy_scores
 from .zig import Zig, build_zigs
 
 __all__ = ["DHSPG", "DEFAULT_OPT_PARAMS", "dhspg"]

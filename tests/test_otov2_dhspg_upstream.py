@@ -195,6 +195,16 @@ class UpstreamDHSPG:
         self.zero_count = self._count_zero()
 
 
+#: only-train-once 2.x's optimizer/hyperparameter.py
+UPSTREAM_DEFAULTS = {
+    "sgd": dict(first_momentum=0.0, second_momentum=0.0, dampening=0.0, weight_decay=0.0,
+                lmbda_amplify=2, hat_lmbda_coeff=10),
+    "adam": dict(first_momentum=0.9, second_momentum=0.999, dampening=0.0, weight_decay=0.0,
+                 lmbda_amplify=20, hat_lmbda_coeff=1e3),
+    "adamw": dict(first_momentum=0.9, second_momentum=0.999, dampening=0.0, weight_decay=1e-2,
+                  lmbda_amplify=20, hat_lmbda_coeff=1e3),
+}
+
 # settings: (variant, DHSPG kwargs); explicit partition / warm-up / projection steps
 SETTINGS = {
     "sgd": ("sgd", dict(lr=0.05, lmbda=5.0, epsilon=0.7, first_momentum=0.9,
@@ -223,8 +233,7 @@ def _setup(kwargs, variant):
     opt = oto.dhspg(variant=variant, target_group_sparsity=0.5, tolerance_group_sparsity=0.45,
                     **kwargs)
     ref_model = copy.deepcopy(model)
-    from dpm_otov2.optim import DEFAULT_OPT_PARAMS
-    dflt = DEFAULT_OPT_PARAMS[variant]
+    dflt = UPSTREAM_DEFAULTS[variant]
     kw = {k: kwargs.get(k, dflt.get(k)) for k in (
         "lmbda_amplify", "hat_lmbda_coeff", "first_momentum", "second_momentum", "dampening",
         "weight_decay")}
