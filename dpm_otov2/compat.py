@@ -44,8 +44,9 @@ Shims (name -> what it bridges; ``apply()`` returns the names of those it instal
     package no longer ships (ImportError). Bridged by installing
     ``only_train_once.optimizer.DHSPG`` = a factory that maps 3.0.1's arguments onto
     :class:`dpm_otov2.DHSPG` (``device`` is ignored; HESSO-only knobs other than their
-    defaults are rejected). Without decay; use ``dpm_otov2.OTO`` / ``dpm_otov2.dhspg`` for
-    ``decay=``.
+    defaults are rejected), and replacing ``only_train_once.OTO.dhspg`` by
+    :func:`dpm_otov2.optim.oto_dhspg_method`, which also takes 2.0.x's ``epsilon``,
+    ``lmbda``, ... (3.0.1's method cannot pass them) with OTOv2's tolerance default 0.05.
 ``hesso_device``
     ``HESSO.identify_redundant_groups`` builds a mask with ``.cuda()``, so HESSO fails on
     CPU-only machines and puts the mask on the wrong GPU on multi-GPU ones.
@@ -183,9 +184,10 @@ def _shim_oto_dhspg() -> bool:
         return False
     if not callable(getattr(only_train_once.OTO, "dhspg", None)):
         return False  # nothing calls it
-    from .optim import _oto_dhspg_factory
+    from .optim import _oto_dhspg_factory, oto_dhspg_method
 
     optmod.DHSPG = _oto_dhspg_factory
+    only_train_once.OTO.dhspg = oto_dhspg_method  # 2.0.x's arguments (epsilon, lmbda, ...)
     return True
 
 

@@ -1,29 +1,38 @@
 """DHSPG: OTOv2's Dual Half-Space Projected Gradient, with optional Decay Pruning.
 
 Written from the OTOv2 paper (Chen et al., "OTOv2: Automatic, Generic, User-Friendly",
-ICLR 2023, Algorithm 2) on only-train-once 3.0.1's param groups. Per step ``t``:
+ICLR 2023, Algorithm 2) and the rules of only-train-once 2.x's
+``only_train_once/optimizer/dhspg.py`` (identical to the 2.0.16 release), on
+only-train-once 3.0.1's param groups. With ``decay=None`` it follows that DHSPG step for
+step (tested against a float64 re-statement of its rules, ``tests/test_otov2_dhspg_upstream.py``).
+Per step, with ``n`` = the number of steps *including* this one:
 
-1. *Gradient estimate.* ``d = grad`` (+ ``weight_decay * x`` unless ``adamw``), then SGD
-   momentum (``buf = m * buf + (1 - dampening) * d``) or Adam's bias-corrected
-   ``m_hat / (sqrt(v_hat) + 1e-8)``. Every parameter takes the trial step
-   ``x_hat = x - lr * d`` (``adamw`` also ``- lr * weight_decay * x``).
-2. *Partition* (once, at ``partition_step``). Every zero-invariant group (ZIG, see
-   :mod:`dpm_otov2.zig`) gets a redundancy score ``0.5 * cos(-x, -d) / ||cos|| +
-   0.5 * (1 / avg|x|) / ||1 / avg|x|||`` (avg|x| = ||x|| / row width; the norms are over all
-   ZIGs of the model). The ``K = int(total * min(target + tolerance, 0.999))`` highest scores
-   form G_p, the magnitude-penalised groups; the rest G_np. Per OTO group the number of kept
-   (G_np) ZIGs is rounded to a multiple of ``group_divisible`` (groups with
-   ``num_groups <= group_divisible`` are never penalised).
-3. *Penalty* (G_p, until the target group sparsity is reached).
-   ``x_hat -= lr * lambda_g * x / ||x||`` with ``lambda_g = lmbda``, except, from
-   ``warm_up_steps`` on, for ZIGs whose gradient pushes them outwards (``<x, d> < 0``):
-   ``lambda_g = clip(lmbda_amplify * (-<x, d> / ||x||), lmbda, lmbda * hat_lmbda_coeff)``;
-   the lower bound makes the step shrink ``||x||``, and if ``lambda_g`` reaches the upper
-   bound ``||d||^2 ||x|| / -<x, d>`` (beyond which ``-(d + lambda_g x/||x||)`` stops being a
-   descent direction of f) it becomes the mid-point of the two bounds.
-4. *Half-space projection* (G_p, from ``half_space_project_steps`` and ``warm_up_steps``
-   on): a ZIG whose trial point left the half-space, ``<x_hat, x> < epsilon * ||x||^2``, is
-   set to exactly 0 in one step and, with ``fixed_zero_groups``, never updated again.
+1. *Direction.* ``d = grad`` (+ ``weight_decay * x`` unless ``adamw``), then SGD
+   momentum (buffer starts at ``d``, then ``m * buf + (1 - dampening) * d``) or Adam:
+   with ``moment_init="gradient"`` (default, OTOv2) the buffers start at ``g`` and ``g^2``
+   (no ``1 - beta`` factor), then ``beta * buf + (1 - beta) * g``, bias-corrected by
+   ``1 - beta ** n``; ``moment_init="zero"`` is ``torch.optim.Adam``. ``d = m_hat /
+   (sqrt(v_hat) + 1e-8)``. Every parameter takes the trial step ``x_hat = x - lr * d``
+   (``adamw`` also ``- lr * weight_decay * x``; with ``weight_decay_type="l1_norm"`` the
+   ZIG rows take ``- lr * weight_decay * x / (||x|| + 1e-8)`` instead).
+2. *Partition* (once, at the step with ``n - 1 == partition_step``). Every zero-invariant
+   group (ZIG, see :mod:`dpm_otov2.zig`) gets a redundancy score
+   (:func:`~dpm_otov2.dhspg_rules.redundancy_scores`); the
+   ``K = int(total * min(target + tolerance, 0.999))`` highest scores are redundant. Per
+   OTO group (layer) the number of kept ZIGs (G_np) is rounded to a multiple of
+   ``group_divisible``, **at least one multiple**, so no layer is ever removed entirely
+   (:func:`~dpm_otov2.dhspg_rules.num_kept`); the layer's least redundant ZIGs are kept, the
+   rest form G_p, the magnitude-penalised groups. Layers with ``num_groups <=
+   group_divisible`` are never penalised. (The rounding can leave G_p short of the target;
+   a ``RuntimeWarning`` says so.)
+3. *Penalty* (G_p, while zero ZIGs < target, checked on the state after the previous step).
+   ``x_hat -= lr * lambda_g * x / (||x|| + 1e-8)`` with ``lambda_g = lmbda`` while
+   ``n < warm_up_steps``, afterwards the adaptive lambda for ZIGs whose direction pushes
+   them outwards (:func:`~dpm_otov2.dhspg_rules.adaptive_lambdas`).
+4. *Half-space projection* (G_p, when ``n >= half_space_project_steps`` and
+   ``n >= warm_up_steps``): a ZIG whose trial point left the half-space,
+   ``<x_hat, x> < epsilon * ||x||^2``, is set to exactly 0 in one step. Zero ZIGs stay 0
+   when ``fixed_zero_groups`` or ``n > half_space_project_steps``.
 
 ``decay=DecayConfig(...)`` replaces the single-step projection of 4. by the Decay Pruning
 Method (paper section 4.1): a ZIG the projection would zero instead takes its penalty-free
@@ -36,13 +45,18 @@ DHSPG never writes its penalty into ``.grad``, it adds it to the trial point, so
 out for decaying ZIGs makes both their update and the engine's Self-Rectifying criteria
 C_rate / C_len penalty-free, as section 3.2 "Special Situations" asks). Released ZIGs leave
 G_p and train normally; G_p is topped up to K at the next step from G_np (best redundancy
-scores), skipping ZIGs released less than ``release_cooldown`` steps ago, and again every
-``release_cooldown`` steps while it is short and the target is not reached, so a released
-ZIG may be classified redundant again later. Decaying ZIGs count towards the target.
+scores, with the same keep-per-layer rule), skipping ZIGs released less than
+``release_cooldown`` steps ago, and again every ``release_cooldown`` steps while it is
+short and the target is not reached, so a released ZIG may be classified redundant again
+later. Decaying ZIGs count towards the target. These are the only places where the DPM
+path differs from OTOv2's rules.
 
-Differences to the 2.0.16 package (documented, deliberate): the per-group
-``upper_group_sparsity`` cap of the projection (1.0 = no cap in all shipped configs) is not
-supported; the optimizer is deterministic (no ``randperm``), and runs on any device.
+Deliberate differences to the 2.x package (also in docs/otov2.md, with reasons): no
+per-group ``upper_group_sparsity`` cap (1.0 = no cap in every shipped config);
+deterministic tie-breaking (no ``randperm``); any device; the target counts zero groups
+exactly (``zero >= ceil(total * target)``; 2.x pads its denominator by 1e-6 per group
+type); a lone ``partition_step`` or ``half_space_project_steps`` is honoured (2.x ignores
+it unless both are given); bad or inconsistent settings raise instead of being accepted.
 """
 
 from __future__ import annotations
@@ -53,6 +67,8 @@ import warnings
 import torch
 from torch.optim.optimizer import Optimizer
 
+from .dhspg_rules import SAFE as _SAFE
+from .dhspg_rules import adaptive_lambdas, num_kept, redundancy_scores
 from .zig import Zig, build_zigs
 
 __all__ = ["DHSPG", "DEFAULT_OPT_PARAMS", "dhspg"]
@@ -67,8 +83,10 @@ DEFAULT_OPT_PARAMS = {
                   lmbda=1e-2, lmbda_amplify=20.0, hat_lmbda_coeff=1e3),
 }
 
-_STATE_VERSION = 1
-_SAFE = 1e-8
+#: OTOv2's default ``tolerance_group_sparsity`` (2.0.x DHSPG and ``OTO.dhspg``).
+DEFAULT_TOLERANCE = 0.05
+
+_STATE_VERSION = 2  # 2: weight_decay_type, moment_init (OTOv2's Adam buffers)
 
 
 def _check_num(name, value, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
@@ -115,15 +133,25 @@ class DHSPG(Optimizer):
         second_momentum: Adam beta2.
         dampening: SGD dampening.
         weight_decay: L2 (coupled for sgd/adam, decoupled for adamw).
+        weight_decay_type: ``"l2_norm"`` or (``adamw`` only) ``"l1_norm"``: decoupled
+            group-L1 decay ``lr * weight_decay * x / ||x||`` on ZIG rows (OTOv2's option).
+        moment_init: Adam only. ``"gradient"`` (default, OTOv2): the moment buffers start
+            at g and g^2 and are bias-corrected by the optimizer's step count; ``"zero"``:
+            ``torch.optim.Adam``.
         lmbda, lmbda_amplify, hat_lmbda_coeff: group-sparsity penalty and its adaptation.
         epsilon: half-space projection threshold in [0, 1).
-        target_group_sparsity: fraction of ZIGs to zero, in [0, 1).
-        tolerance_group_sparsity: extra fraction in G_p.
+        target_group_sparsity: fraction of ZIGs to zero, in [0, 1). Must be reachable with
+            every layer keeping ``group_divisible`` ZIGs (else ``ValueError``).
+        tolerance_group_sparsity: extra fraction in G_p (default 0.05, OTOv2's); not larger
+            than the target.
         start_pruning_step: default for ``partition_step`` and ``half_space_project_steps``.
             (``start_pruning_steps``, the 2.0.x name, is accepted too.)
-        partition_step: step at which ZIGs are split into G_p / G_np.
-        half_space_project_steps: first step of the half-space projection.
-        warm_up_steps: steps with a fixed lambda and no projection.
+        partition_step: the partition happens at the step after ``partition_step`` steps.
+        half_space_project_steps: the projection acts from the ``half_space_project_steps``-th
+            step on (counting from 1, as OTOv2; with ``partition_step`` = this value both
+            start at the same step).
+        warm_up_steps: the first ``warm_up_steps - 1`` steps use a fixed lambda and no
+            projection (OTOv2's count).
         group_divisible: kept ZIGs per OTO group are a multiple of this.
         fixed_zero_groups: keep zero ZIGs at exactly 0.
         decay: ``None`` (single-step projection, the original) or a
@@ -134,11 +162,12 @@ class DHSPG(Optimizer):
     def __init__(self, params, variant: str = "sgd", lr: float = 0.1, first_momentum=None,
                  second_momentum=None, dampening=None, weight_decay=None, lmbda=None,
                  lmbda_amplify=None, hat_lmbda_coeff=None, epsilon: float = 0.0,
-                 target_group_sparsity: float = 0.5, tolerance_group_sparsity: float = 0.05,
-                 start_pruning_step: int = 0, partition_step=None,
+                 target_group_sparsity: float = 0.5, tolerance_group_sparsity=None,
+                 start_pruning_step=None, partition_step=None,
                  half_space_project_steps=None, warm_up_steps: int = 0,
                  group_divisible: int = 1, fixed_zero_groups: bool = True, decay=None,
-                 release_cooldown=None, momentum=None, start_pruning_steps=None):
+                 release_cooldown=None, momentum=None, start_pruning_steps=None,
+                 weight_decay_type: str = "l2_norm", moment_init=None):
         if variant not in DEFAULT_OPT_PARAMS:
             raise ValueError(f"DHSPG: variant must be one of {sorted(DEFAULT_OPT_PARAMS)}, "
                              f"got {variant!r}")
@@ -147,7 +176,27 @@ class DHSPG(Optimizer):
                 raise ValueError("DHSPG: give either momentum or first_momentum, not both")
             first_momentum = momentum
         if start_pruning_steps is not None:
+            if start_pruning_step is not None and start_pruning_step != start_pruning_steps:
+                raise ValueError("DHSPG: give either start_pruning_step or its 2.0.x spelling "
+                                 "start_pruning_steps, not both")
             start_pruning_step = start_pruning_steps
+        if start_pruning_step is None:
+            start_pruning_step = 0
+        elif partition_step is not None and half_space_project_steps is not None:
+            raise ValueError(
+                f"DHSPG: start_pruning_step={start_pruning_step!r} only sets the defaults of "
+                f"partition_step and half_space_project_steps, and both are given "
+                f"({partition_step!r}, {half_space_project_steps!r}); drop one of them")
+        if release_cooldown is not None and decay is None:
+            raise ValueError("DHSPG: release_cooldown is the Decay Pruning Method's (steps a "
+                             "released group stays out of G_p); it needs decay=DecayConfig(...)")
+        if variant == "sgd" and second_momentum:
+            raise ValueError(f"DHSPG: second_momentum={second_momentum!r} is Adam's beta2; "
+                             f"variant='sgd' has no second moment (use variant='adam')")
+        if variant != "sgd" and dampening:
+            raise ValueError(f"DHSPG: dampening={dampening!r} is SGD's; variant={variant!r} "
+                             f"averages its moments with beta1 / beta2 (first_momentum / "
+                             f"second_momentum)")
         d = DEFAULT_OPT_PARAMS[variant]
         pick = lambda v, k: d[k] if v is None else v  # noqa: E731
         first_momentum = pick(first_momentum, "first_momentum")
@@ -167,7 +216,33 @@ class DHSPG(Optimizer):
         _check_num("hat_lmbda_coeff", hat_lmbda_coeff, lo=1.0)
         _check_num("epsilon", epsilon, lo=0.0, hi=1.0, hi_open=True)
         _check_num("target_group_sparsity", target_group_sparsity, lo=0.0, hi=1.0, hi_open=True)
-        _check_num("tolerance_group_sparsity", tolerance_group_sparsity, lo=0.0, hi=1.0)
+        if tolerance_group_sparsity is None:
+            tolerance_group_sparsity = DEFAULT_TOLERANCE
+        else:
+            _check_num("tolerance_group_sparsity", tolerance_group_sparsity, lo=0.0, hi=1.0)
+            if tolerance_group_sparsity > target_group_sparsity > 0:
+                raise ValueError(
+                    f"DHSPG: tolerance_group_sparsity={tolerance_group_sparsity!r} is larger "
+                    f"than target_group_sparsity={target_group_sparsity!r}; the tolerance is "
+                    f"the extra fraction of groups penalised beyond the target (OTOv2 uses "
+                    f"{DEFAULT_TOLERANCE}), so the run would zero up to "
+                    f"{target_group_sparsity + tolerance_group_sparsity:.3g} of the groups. "
+                    f"Pass a tolerance <= the target")
+        if weight_decay_type not in ("l2_norm", "l1_norm"):
+            raise ValueError(f"DHSPG: weight_decay_type must be 'l2_norm' or 'l1_norm', got "
+                             f"{weight_decay_type!r}")
+        if weight_decay_type == "l1_norm" and variant != "adamw":
+            raise ValueError(f"DHSPG: weight_decay_type='l1_norm' (decoupled group-L1 decay) "
+                             f"needs variant='adamw'; variant={variant!r} adds weight_decay * x "
+                             f"to the gradient (OTOv2 ignores the type there)")
+        if moment_init is None:
+            moment_init = "gradient"
+        elif variant == "sgd":
+            raise ValueError(f"DHSPG: moment_init={moment_init!r} sets Adam's moment buffers; "
+                             f"variant='sgd' has none (use variant='adam' or 'adamw')")
+        if moment_init not in ("gradient", "zero"):
+            raise ValueError(f"DHSPG: moment_init must be 'gradient' (OTOv2: buffers start at "
+                             f"g and g^2) or 'zero' (torch.optim.Adam), got {moment_init!r}")
         _check_num("start_pruning_step", start_pruning_step, lo=0, integer=True)
         partition_step = start_pruning_step if partition_step is None else partition_step
         half_space_project_steps = (start_pruning_step if half_space_project_steps is None
@@ -184,7 +259,8 @@ class DHSPG(Optimizer):
         defaults = dict(lr=lr, variant=variant, first_momentum=first_momentum,
                         second_momentum=second_momentum, dampening=dampening,
                         weight_decay=weight_decay, lmbda=lmbda, lmbda_amplify=lmbda_amplify,
-                        hat_lmbda_coeff=hat_lmbda_coeff, epsilon=epsilon)
+                        hat_lmbda_coeff=hat_lmbda_coeff, epsilon=epsilon,
+                        weight_decay_type=weight_decay_type, moment_init=moment_init)
         super().__init__(groups, defaults)
 
         self.target_group_sparsity = float(target_group_sparsity)
@@ -204,6 +280,7 @@ class DHSPG(Optimizer):
                                                 * self.target_group_sparsity - 1e-9)
         self.K = int(self.total_num_groups * min(target_group_sparsity
                                                  + tolerance_group_sparsity, 0.999))
+        self._check_reachable()
         self.num_steps = 0
         self.partitioned = False
         self._gp = {z.name: torch.zeros(z.m, dtype=torch.bool, device=z.params()[0].device)
@@ -284,15 +361,22 @@ class DHSPG(Optimizer):
                 return buf
             return grad
         b1, b2 = group["first_momentum"], group["second_momentum"]
-        if "step" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        state["exp_avg"].mul_(b1).add_(grad, alpha=1.0 - b1)
-        state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-        c1 = 1.0 - b1 ** state["step"]
-        c2 = 1.0 - b2 ** state["step"]
+        state["step"] = state.get("step", 0) + 1
+        if "exp_avg" in state:
+            state["exp_avg"].mul_(b1).add_(grad, alpha=1.0 - b1)
+            state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+        elif group["moment_init"] == "gradient":
+            # OTOv2: the buffers start at g and g^2 (no 1 - beta factor) ...
+            state["exp_avg"] = grad.clone(memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = grad * grad
+        else:  # "zero": torch.optim.Adam
+            state["exp_avg"] = grad.mul(1.0 - b1)
+            state["exp_avg_sq"] = grad * grad * (1.0 - b2)
+        # ... and are bias-corrected by the optimizer's step count (OTOv2) or by the
+        # parameter's own count of updates (torch.optim.Adam)
+        t = self.num_steps if group["moment_init"] == "gradient" else state["step"]
+        c1 = 1.0 - b1 ** t
+        c2 = 1.0 - b2 ** t
         return (state["exp_avg"] / c1) / ((state["exp_avg_sq"] / c2).sqrt().add_(_SAFE))
 
     def _zig_decaying(self, z: Zig):
@@ -304,6 +388,25 @@ class DHSPG(Optimizer):
     def _effective_zero_count(self) -> int:
         return self.curr_num_zero_groups + self._num_decaying
 
+    def _check_reachable(self) -> None:
+        """Raise if the target needs more zero ZIGs than G_p can ever hold: every layer
+        keeps at least ``group_divisible`` ZIGs (all of them when it has no more), and G_p
+        holds at most K = int(total * min(target + tolerance, 0.999)) ZIGs."""
+        need = self.target_num_zero_groups
+        if need <= 0:
+            return
+        dvs = self.group_divisible
+        most = min(sum(z.m - dvs for z in self.zigs if z.m > dvs), self.K)
+        if need > most:
+            n = self.total_num_groups
+            raise ValueError(
+                f"DHSPG: target_group_sparsity={self.target_group_sparsity!r} cannot be "
+                f"reached: it needs {need} of the {n} zero-invariant groups zeroed, but every "
+                f"layer keeps at least group_divisible={dvs} of its groups (so that no layer "
+                f"is removed entirely) and the penalised set holds at most K={self.K}, so at "
+                f"most {most} ({most / n:.3f}) can become zero. Lower the target to <= "
+                f"{most / n:.3f} or lower group_divisible")
+
     def reach_target_group_sparsity(self) -> bool:
         """True once zero (plus, with decay, decaying) ZIGs reach the target."""
         if self.target_num_zero_groups <= 0:
@@ -312,21 +415,8 @@ class DHSPG(Optimizer):
 
     # ------------------------------------------------------------------ partition
     def _scores(self, grads: dict) -> list[torch.Tensor]:
-        cos, inv = [], []
-        for z in self.zigs:
-            x = z.param_rows().float()
-            g = grads[z.name].float()
-            cos.append(torch.nn.functional.cosine_similarity(-x, -g, dim=1, eps=_SAFE))
-            inv.append(1.0 / (x.norm(dim=1) / max(z.width, 1) + 1e-6))
-        cos_all, inv_all = torch.cat(cos), torch.cat(inv)
-        cn = cos_all.norm().clamp_min(_SAFE)
-        inn = inv_all.norm().clamp_min(_SAFE)
-        out, start = [], 0
-        for z in self.zigs:
-            sl = slice(start, start + z.m)
-            out.append(0.5 * cos_all[sl] / cn + 0.5 * inv_all[sl] / inn)
-            start += z.m
-        return out
+        return redundancy_scores([z.param_rows() for z in self.zigs],
+                                 [grads[z.name] for z in self.zigs])
 
     def _partition(self, grads: dict) -> None:
         """Choose G_p (see module docstring); keeps zero/decaying ZIGs in G_p."""
@@ -360,22 +450,29 @@ class DHSPG(Optimizer):
         for z, e, fin in zip(self.zigs, eff, forced_in):
             sel = chosen[start:start + z.m].to(e.device)
             start += z.m
-            dvs = self.group_divisible
-            if z.m <= dvs:
-                sel = fin.clone()
-            elif dvs > 1:
-                keep = z.m - int(sel.sum())
-                keep = min(max(round(keep / dvs), 1) * dvs, z.m)
-                # keep the `keep` least redundant ZIGs, penalise the rest
-                kept = torch.sort(e, descending=False, stable=True).indices[:keep]
-                sel = torch.ones(z.m, dtype=torch.bool, device=e.device)
-                sel[kept] = False
-                sel |= fin
+            # OTOv2's per-layer rule: the kept (not penalised) ZIGs are rounded to a multiple
+            # of group_divisible, at least one multiple, so that no layer is ever removed
+            # entirely; they are the layer's least redundant ZIGs (zero / decaying ZIGs last)
+            keep = num_kept(z.m, z.m - int(sel.sum()), self.group_divisible)
+            kept = torch.sort(e, descending=False, stable=True).indices[:keep]
+            sel = torch.ones(z.m, dtype=torch.bool, device=e.device)
+            sel[kept] = False
+            sel |= fin
             self._gp[z.name] = sel
             self._gp_count[z.name] = int(sel.sum())
         self.partitioned = True
         self._needs_refill = False
         self._next_refill = self.num_steps + max(1, self.release_cooldown)
+        if self.engine is None:
+            reachable = self.curr_num_zero_groups + sum(
+                int((self._gp[z.name] & ~self._zero[z.name]).sum()) for z in self.zigs)
+            if reachable < self.target_num_zero_groups:
+                warnings.warn(
+                    f"DHSPG: after rounding to group_divisible={self.group_divisible} per "
+                    f"layer, only {reachable} of the {self.total_num_groups} groups can become "
+                    f"zero, fewer than the target's {self.target_num_zero_groups}; the target "
+                    f"group sparsity will not be reached (raise tolerance_group_sparsity or "
+                    f"lower group_divisible)", RuntimeWarning)
 
     def _refill_due(self) -> bool:
         """Top up G_p after releases: at once, then every ``release_cooldown`` steps while
@@ -404,7 +501,7 @@ class DHSPG(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.num_steps += 1
-        t = self.num_steps - 1  # steps taken before this one
+        n = self.num_steps  # steps including this one (OTOv2 tests its step settings on n)
 
         # 1. gradient estimates (+ partition / refill of G_p, on pre-step weights)
         est: dict[int, torch.Tensor] = {}
@@ -412,16 +509,17 @@ class DHSPG(Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     est[id(p)] = self._grad_estimate(group, p)
-        if self.zigs and ((not self.partitioned and t >= self.partition_step)
+        if self.zigs and ((not self.partitioned and n - 1 >= self.partition_step)
                           or self._refill_due()):
             self._partition({z.name: z.rows([est.get(id(p)) for p in z.params()])
                              for z in self.zigs})
         penalise = self.partitioned and not self.reach_target_group_sparsity()
-        project = penalise and t >= self.half_space_project_steps and t >= self.warm_up_steps
-        adaptive = t >= self.warm_up_steps
-        fix_zero = self.fixed_zero_groups or t > self.half_space_project_steps
+        project = penalise and n >= self.half_space_project_steps and n >= self.warm_up_steps
+        adaptive = n >= self.warm_up_steps
+        fix_zero = self.fixed_zero_groups or n > self.half_space_project_steps
         active = [z for z in self.zigs
-                  if (penalise and self._gp_count[z.name] > 0) or self._nzero[z.name] > 0]
+                  if (penalise and self._gp_count[z.name] > 0) or self._nzero[z.name] > 0
+                  or self._l1_decay(self.param_groups[z.group_index])]
         x_rows = {z.name: z.param_rows() for z in active}
 
         # 2. trial step x_hat = x - lr * d for every parameter
@@ -435,13 +533,19 @@ class DHSPG(Optimizer):
                     p.mul_(1.0 - lr * wd)
                 p.add_(e, alpha=-lr)
 
-        # 3. ZIGs: penalty on G_p, half-space projection (or decay marks), fixed zeros
+        # 3. ZIGs: group-L1 decay, penalty on G_p, half-space projection (or decay marks),
+        #    fixed zeros
         for z in active:
             group = self.param_groups[z.group_index]
             x = x_rows[z.name]
             x_norm = x.norm(dim=1)
             zero = x_norm == 0
             hat = z.param_rows()
+            if self._l1_decay(group):
+                # weight_decay_type='l1_norm': on ZIG rows the decoupled decay is
+                # lr * wd * x / ||x|| instead of the trial step's lr * wd * x
+                lr_wd = group["lr"] * group["weight_decay"]
+                hat += lr_wd * (x - x / (x_norm + _SAFE).unsqueeze(1))
             pen = None
             if penalise and self._gp_count[z.name] > 0:
                 pen = self._gp[z.name] & ~zero
@@ -450,9 +554,11 @@ class DHSPG(Optimizer):
                     pen &= ~dec  # decaying ZIGs: penalty-free update (SR criteria too)
             if pen is not None:
                 d = z.rows([est.get(id(p)) for p in z.params()])
-                lam = self._lambdas(group, x, d, x_norm, pen, adaptive)
-                safe = torch.where(pen, x_norm, torch.ones_like(x_norm))
-                penalised = hat - (group["lr"] * lam / safe).unsqueeze(1) * x
+                lam = (adaptive_lambdas(x, d, x_norm, pen, group["lmbda"],
+                                        group["lmbda_amplify"], group["hat_lmbda_coeff"])
+                       if adaptive else torch.full_like(x_norm, group["lmbda"]))
+                penalised = hat - (group["lr"] * lam).unsqueeze(1) * (
+                    x / (x_norm + _SAFE).unsqueeze(1))
                 use = pen
                 if project:
                     inner = (penalised * x).sum(dim=1)
@@ -470,25 +576,10 @@ class DHSPG(Optimizer):
             self._set_zero(z, hat.norm(dim=1) == 0)
         return loss
 
-    def _lambdas(self, group, x, d, x_norm, pen, adaptive) -> torch.Tensor:
-        lmbda = group["lmbda"]
-        lam = torch.full_like(x_norm, lmbda)
-        if not adaptive:
-            return lam
-        inner = (x * d).sum(dim=1)
-        adj = pen & (inner < 0)
-        if not bool(adj.any()):
-            return lam
-        d_norm = d.norm(dim=1)
-        one = torch.ones_like(inner)
-        safe_norm = torch.where(adj, x_norm, one)
-        safe_inner = torch.where(adj, inner, -one)
-        lower = -safe_inner / safe_norm
-        upper = d_norm * d_norm * safe_norm / (-safe_inner)
-        lam_adj = torch.clamp(group["lmbda_amplify"] * lower, min=lmbda,
-                              max=lmbda * group["hat_lmbda_coeff"])
-        lam_adj = torch.where(lam_adj >= upper, 0.5 * (lower + upper), lam_adj)
-        return torch.where(adj, lam_adj, lam)
+    @staticmethod
+    def _l1_decay(group: dict) -> bool:
+        return (group["weight_decay_type"] == "l1_norm" and group["variant"] == "adamw"
+                and group["weight_decay"] > 0)
 
     @torch.no_grad()
     def _after_step(self, args, kwargs) -> None:
@@ -683,14 +774,15 @@ def dhspg(oto, lr: float = 0.1, *, decay=None, device=None, pruning_steps=None,
 
 def _oto_dhspg_factory(params, lr=0.1, weight_decay=None, first_momentum=None,
                        second_momentum=None, dampening=None, variant="sgd",
-                       target_group_sparsity=0.5, tolerance_group_sparsity=0.01,
-                       start_pruning_step=0, pruning_periods=1, pruning_steps=1,
+                       target_group_sparsity=0.5, tolerance_group_sparsity=None,
+                       start_pruning_step=None, pruning_periods=1, pruning_steps=1,
                        group_divisible=1, fixed_zero_groups=True,
                        importance_score_criteria="default", device=None, **kwargs) -> DHSPG:
     """What only-train-once 3.0.1's ``OTO.dhspg`` calls as ``optimizer.DHSPG(...)``.
 
-    Installed as ``only_train_once.optimizer.DHSPG`` by the ``oto_dhspg`` shim, so that an
-    unchanged ``only_train_once.OTO(...).dhspg(...)`` builds a :class:`DHSPG` (without decay).
+    Installed as ``only_train_once.optimizer.DHSPG`` by the ``oto_dhspg`` shim (for code
+    that builds it directly; ``OTO.dhspg`` itself is replaced by :func:`oto_dhspg_method`).
+    The tolerance defaults to OTOv2's 0.05.
     """
     for name, v in (("pruning_steps", pruning_steps), ("pruning_periods", pruning_periods),
                     ("importance_score_criteria", importance_score_criteria)):
@@ -703,3 +795,15 @@ def _oto_dhspg_factory(params, lr=0.1, weight_decay=None, first_momentum=None,
                  tolerance_group_sparsity=tolerance_group_sparsity,
                  start_pruning_step=start_pruning_step, group_divisible=group_divisible,
                  fixed_zero_groups=fixed_zero_groups, **kwargs)
+
+
+def oto_dhspg_method(self, lr: float = 0.1, **kwargs) -> DHSPG:
+    """``only_train_once.OTO.dhspg`` after ``import dpm_otov2`` (the ``oto_dhspg`` shim).
+
+    3.0.1's own method has no ``epsilon`` / ``lmbda`` (so the projection threshold stayed 0
+    and the penalty at its default) and a tolerance default of 0.01; this one takes every
+    keyword of :func:`dhspg` (2.0.x and 3.0.1 spellings, ``epsilon``, ``lmbda``,
+    ``weight_decay_type``, ..., and ``decay=``) with OTOv2's defaults (tolerance 0.05).
+    Only ``lr`` may be positional (2.0.x and 3.0.1 order the others differently).
+    """
+    return dhspg(self, lr, **kwargs)

@@ -229,6 +229,32 @@ def c_oto_subnet_optimizer_foreign():
     with contextlib.redirect_stdout(io.StringIO()):
         oto.construct_subnet(out_dir=tempfile.mkdtemp())
     oto.subnet_optimizer(torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1))
+def c_oto_tolerance():
+    _oto().dhspg(lr=0.1, target_group_sparsity=0.3, tolerance_group_sparsity=0.5)
+
+
+def c_oto_unreachable():
+    _oto().dhspg(lr=0.1, target_group_sparsity=0.95)  # 2 x 8 groups, each layer keeps one
+
+
+def c_oto_l1_sgd():
+    _oto().dhspg(lr=0.1, weight_decay=1e-4, weight_decay_type="l1_norm")
+
+
+def c_oto_moment_init_sgd():
+    _oto().dhspg(lr=0.1, moment_init="zero")
+
+
+def c_oto_start_and_both_steps():
+    _oto().dhspg(lr=0.1, start_pruning_step=3, partition_step=1, half_space_project_steps=2)
+
+
+def c_oto_cooldown_no_decay():
+    _oto().dhspg(lr=0.1, release_cooldown=5)
+
+
+def c_oto_adam_dampening():
+    _oto().dhspg(lr=0.1, variant="adam", dampening=0.1)
 
 
 CASES = [
@@ -304,6 +330,24 @@ CASES = [
     ("oto-subnet-optimizer-foreign", "`oto.subnet_optimizer(opt)` for another model's "
      "optimizer", c_oto_subnet_optimizer_foreign, ValueError,
      "was not a parameter of the model when construct_subnet ran"),
+    ("oto-tolerance-above-target",
+     "`oto.dhspg(target_group_sparsity=0.3, tolerance_group_sparsity=0.5)`", c_oto_tolerance,
+     ValueError, "tolerance_group_sparsity=0.5 is larger than target_group_sparsity=0.3"),
+    ("oto-target-unreachable", "`oto.dhspg(target_group_sparsity=0.95)` on 2 layers of 8 groups",
+     c_oto_unreachable, ValueError, "target_group_sparsity=0.95 cannot be reached"),
+    ("oto-l1-decay-not-adamw", "`oto.dhspg(weight_decay_type='l1_norm')` with variant 'sgd'",
+     c_oto_l1_sgd, ValueError, "weight_decay_type='l1_norm' (decoupled group-L1 decay) needs "
+     "variant='adamw'"),
+    ("oto-moment-init-sgd", "`oto.dhspg(moment_init='zero')` with variant 'sgd'",
+     c_oto_moment_init_sgd, ValueError, "variant='sgd' has none"),
+    ("oto-start-and-both-steps",
+     "`oto.dhspg(start_pruning_step=3, partition_step=1, half_space_project_steps=2)`",
+     c_oto_start_and_both_steps, ValueError,
+     "start_pruning_step=3 only sets the defaults of partition_step and half_space_project_steps"),
+    ("oto-cooldown-without-decay", "`oto.dhspg(release_cooldown=5)` with `decay=None`",
+     c_oto_cooldown_no_decay, ValueError, "it needs decay=DecayConfig(...)"),
+    ("oto-adam-dampening", "`oto.dhspg(variant='adam', dampening=0.1)`", c_oto_adam_dampening,
+     ValueError, "dampening=0.1 is SGD's"),
 ]
 
 

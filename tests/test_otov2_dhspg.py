@@ -412,10 +412,10 @@ def test_warm_up_and_start_steps():
     model, oto, x, y = make("small_cnn")
     opt = oto.dhspg(lr=0.05, lmbda=5.0, epsilon=0.5, partition_step=2,
                     half_space_project_steps=5, target_group_sparsity=0.5)
-    for i in range(5):
+    for i in range(4):
         one_step(model, opt, x, y)
-        assert opt.partitioned == (i >= 2)
-        assert opt.curr_num_zero_groups == 0  # no projection before step 5
+        assert opt.partitioned == (i >= 2)  # at the step after partition_step steps
+        assert opt.curr_num_zero_groups == 0  # OTOv2: projection from the 5th step on
     for _ in range(10):
         one_step(model, opt, x, y)
     assert opt.curr_num_zero_groups > 0
