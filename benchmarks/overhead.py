@@ -71,7 +71,7 @@ def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None 
     torch.manual_seed(seed)
     model = resnet56()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    cfg = DecayConfig(steps=10 ** 9, t_rate=2.0, t_len=0.8, self_rectify=True)
+    cfg = DecayConfig(steps=10 ** 9, t_rate=0.3, t_len=1e9, self_rectify=True)
     engine = DecayEngine(cfg)
     groups = build_groups(model, engine)
     total = decaying = 0
