@@ -86,7 +86,7 @@ class _Spec:
     """One slice of the tensor: its dim, its group's channel offset, its blocks."""
 
     __slots__ = ("dim", "offset", "m", "r", "kb", "blocks", "owner", "view",
-                 "region_ch", "region_blocks", "snap", "clean")
+                 "region_ch", "region_blocks", "snap", "clean", "scratch")
 
     def __init__(self, shape: tuple, s, offset: int, dump: int):
         d = s.dim
@@ -108,6 +108,7 @@ class _Spec:
         self.region_blocks = None  # their blocks along the view's dim 1 [n * kb]
         self.snap = None           # [pre, n * kb, block]: x, then x~, of the region
         self.clean = None          # (blocks, channels, gathered gradients) of a capture
+        self.scratch = None        # one chunk of x~ at the post-hook (reused)
 
     def positions(self) -> torch.Tensor:
         """The region's positions along ``dim``, in the order of the gathered data."""
@@ -263,14 +264,16 @@ class SlicedTensor:
             for rows, blocks in self._chunks(sp):
                 snap = sp.snap[rows, blocks]
                 if with_old:
-                    new = self._gather(self.param, sp, rows, blocks)
+                    if sp.scratch is None or sp.scratch.numel() < snap.numel():
+                        sp.scratch = torch.empty(snap.numel(), dtype=snap.dtype,
+                                                 device=snap.device)
+                    new = self._gather(self.param, sp, rows, blocks,
+                                       out=sp.scratch[: snap.numel()].view(snap.shape))
                     part = torch.stack([_sq_sums(new, 2).sum(0), _sq_sums(snap, 2).sum(0),
                                         _sq_sums(snap.sub_(new), 2).sum(0)])
                     snap.copy_(new)
                 else:
-                    self._gather(self.param, sp, rows, blocks, out=snap) if \
-                        snap.is_contiguous() else snap.copy_(
-                            self._gather(self.param, sp, rows, blocks))
+                    self._gather(self.param, sp, rows, blocks, out=snap)
                     part = _sq_sums(snap, 2).sum(0).unsqueeze(0)
                 if acc is None:
                     acc = part
