@@ -24,12 +24,14 @@ decaying channel (Algorithm 2):
    (Eq. 6) the channel is *released*: it stops decaying, ``n = 0``, it keeps ``x~`` and
    trains normally again.
 2. Otherwise ``n = n + 1`` and ``L_target = (N - n) * L_s`` (Eq. 2, 3). If
-   ``||x~|| > L_target`` the channel becomes ``x~ * L_target / ||x~||`` (Eq. 1,
-   direction kept). If ``||x~|| <= L_target`` it keeps ``x~`` and ``n`` is recalibrated
-   to ``N - ceil(||x~|| / L_s)`` so the next target lies below its norm (section 3.1).
-3. When ``n`` reaches ``N`` the channel is set to exactly 0 and becomes *zeroed*. From
-   then on it is written back to exactly 0 after every step (momentum and weight decay
-   cannot revive it) until an adapter removes it (``drop_channels``).
+   ``||x~|| > L_target`` the channel is *scaled*: it becomes ``x~ * L_target / ||x~||``
+   (Eq. 1, direction kept; factor ``f = L_target / ||x~||``). If ``||x~|| <= L_target``
+   it keeps ``x~`` and ``n`` is recalibrated to ``N - ceil(||x~|| / L_s)`` so the next
+   target lies below its norm (section 3.1).
+3. When ``n`` reaches ``N`` the channel is set to exactly 0 (it is scaled with
+   ``f = 0``) and becomes *zeroed*. From then on its elements are written back to exactly
+   0 after every step, before anything is measured (momentum and weight decay cannot
+   revive it), until an adapter removes it (``drop_channels``).
 
 With N = 3 and no interference the norms after three steps are 2/3, 1/3 and 0 of
 ``L_init`` (Figure 2).
@@ -46,14 +48,45 @@ Other rules
   for both their update and the SR criteria (section 3.2, "Special Situations").
 * Norms and criteria are computed in float32 whatever the parameters' dtype; state lives
   on the parameters' device. Per step only groups that have decaying or zeroed channels
-  are touched: the tensors of the decaying groups are stacked by shape
+  are touched: the small tensors of the decaying groups are stacked by shape
   (:class:`dpm_core.stacked.StackedLayout`, rebuilt only when the set of decaying
   groups or their tensors change), so the kernels run once per distinct shape, not per
-  layer, and the decision math runs once over all their channels. Groups with only
-  zeroed channels get one masked fill per tensor.
-* Where one tensor element belongs to channels of two groups (a conv's input slice in
-  one group, its output filter in another), both groups' scales apply to it, in
-  insertion order; zeroed channels are exact zeros regardless.
+  layer, and the decision math runs once over all their channels. Zeroed channels cost
+  one fill of their slices per tensor (``index_fill_``).
+* A group whose slices change (or that is removed) between the two hooks of one step is
+  left out of that step (its channels do not advance); the other groups go on.
+* Large tensors (at least ``DecayEngine.sliced_min_numel`` elements) are never touched
+  whole in the weight path: only the slices of their decaying channels are gathered,
+  scaled and written back (:mod:`dpm_core.sliced`; with SR, one persistent copy of those
+  slices holds ``x``). Self-Rectifying's ``C_len`` reads every channel's gradient of the
+  decaying groups (Eq. 5's mean is over all M channels), without copying it.
+
+Shared elements
+---------------
+One tensor element can belong to channels of several groups (a conv's filter row to its
+own layer's group, its input column to the previous layer's; every ResNet and VGG has
+this), and those channels may have different factors. The rule, applied after every
+channel's decision (all measured on the same ``x~``, zeroed channels already 0):
+
+* an element owned by two or more *scaled* channels takes the smallest of their
+  factors;
+* an element owned by exactly one scaled channel ``c`` takes ``c``'s *own* factor
+  ``g_c = sqrt((f_c² ||x~_c||² - V_c) / (||x~_c||² - S_c))``, where ``S_c`` is the
+  squared norm of ``c``'s elements shared with other scaled channels and ``V_c`` the
+  same after they took the smallest factor, so that ``||x_c|| = f_c ||x~_c||`` exactly:
+  every scaled channel lands exactly on its target;
+* every other element (live, released or non-finite owners only) keeps ``x~``.
+
+``g_c`` lies in ``[f_c, 1]``: the engine never enlarges a weight. Where exactness would
+need ``g_c > 1`` (a channel's shared elements were shrunk much more by another channel
+than its own target needs, or it has no element of its own), ``g_c = 1`` and the channel
+ends below its target; the next step's recalibration realigns ``n`` (section 3.1). When
+all decaying channels were marked together and nothing else moves the weights, every
+factor is ``(N - n) / (N - n + 1)``, ``g_c = f_c``, and every decaying channel is at
+exactly ``(N - n) / N`` of ``L_init`` after step ``n`` (Figure 2;
+``tests/test_engine_overlap.py`` on a ResNet-18). The per-element math is in
+:func:`dpm_core.functional.shared_element_scale` and
+:func:`dpm_core.functional.compensated_factor`.
 """
 
 from __future__ import annotations

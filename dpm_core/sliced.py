@@ -358,6 +358,11 @@ class SlicedTensor:
                 shape = [1] * nat.dim()
                 for j, d in enumerate(self.spec_dims):
                     shape[d] = scale.shape[j]
-                nat.mul_(scale.view(shape).to(nat.dtype))
+                # the scaled chunk goes to the (cache-sized) scratch, then into place
+                if sp.scratch is None or sp.scratch.numel() < chunk.numel():
+                    sp.scratch = torch.empty(chunk.numel(), dtype=chunk.dtype,
+                                             device=chunk.device)
+                out = sp.scratch[: chunk.numel()].view(chunk.shape)
+                torch.mul(nat, scale.view(shape), out=out.view(nat.shape))
                 v = self._view(self.param, sp)[rows]
-                v.index_copy_(1, sp.region_blocks[blocks], chunk)
+                v.index_copy_(1, sp.region_blocks[blocks], out)
