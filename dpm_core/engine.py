@@ -715,7 +715,7 @@ class DecayEngine:
             # left out of this step: their snapshot no longer matches their tensors
             pend = [self._pending.get(g.name) if self._groups.get(g.name) is g else None
                     for g in layout.groups]
-            if not any(p is not None for p in pend) or not layout.shapes_unchanged():
+            if not any(p is not None for p in pend):
                 continue
             # every group is measured before any is scaled, so groups sharing a tensor
             # all see x~
@@ -780,8 +780,7 @@ class DecayEngine:
         # elements shared by several of them: see "Shared elements" in the docstring
         scaled = go & (factor < 1)
         factor = torch.where(scaled, factor, torch.ones_like(factor))
-        own = layout.own_factors(factor, scaled)
-        layout.apply(factor, scaled, own)
+        layout.apply(factor, scaled)
         counts = torch.zeros(3, len(groups), dtype=torch.int64, device=dev)
         counts.index_add_(1, seg, torch.stack([release, zero, bad]).long())
         n_rel, n_zero, n_bad = counts.tolist()

@@ -186,16 +186,19 @@ def _count_and_min(scaled: list[torch.Tensor], factor: list[torch.Tensor]):
 
 
 def shared_element_terms(scaled: list[torch.Tensor], factor: list[torch.Tensor],
-                         mine: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-element weights of slice ``mine``'s channel for its shared elements.
+                         mine: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element weights for the shared elements.
 
     Returns ``(mass, scaled_mass)``: 1 and ``min_f ** 2`` where the element is owned by
-    two or more scaled channels, one of them slice ``mine``'s, else 0. Summed against
-    the squared elements ``x~_e ** 2`` per channel, they give ``S_c`` (the shared part
-    of ``||x~_c||²``) and ``V_c`` (that part after scaling) of :func:`compensated_factor`.
+    two or more scaled channels (one of them slice ``mine``'s, if given), else 0. Summed
+    against the squared elements ``x~_e ** 2`` over a scaled channel's elements, they
+    give ``S_c`` (the shared part of ``||x~_c||²``) and ``V_c`` (that part after
+    scaling) of :func:`compensated_factor`.
     """
     cnt, low = _count_and_min(scaled, factor)
-    hit = scaled[mine] & (cnt >= 2)
+    hit = cnt >= 2
+    if mine is not None:
+        hit = hit & scaled[mine]
     mass = hit.to(low.dtype)
     return mass, torch.where(hit, low * low, torch.zeros_like(low))
 

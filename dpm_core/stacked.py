@@ -341,57 +341,46 @@ class StackedLayout:
         return sq.sqrt()
 
     @torch.no_grad()
-    def own_factors(self, factor: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
-        """The compensated factor of every channel (``[C]``), given every channel's
-        ``factor`` and whether it is ``scaled`` this step (call after :meth:`measure`).
+    def apply(self, factor: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+        """Scale the parameters' ``x~`` per element (Eq. 1; shared elements by the rule
+        in the ``dpm_core.engine`` docstring) and return every channel's own factor.
 
-        See :func:`dpm_core.functional.compensated_factor`; equal to ``factor`` where
-        no element is shared by two scaled channels.
+        ``factor`` (``[C]``) is used where ``scaled`` (bool ``[C]``); call after
+        :meth:`measure`. Where several scaled channels share elements, their own
+        factors come from :func:`dpm_core.functional.compensated_factor` (one more
+        pass over the shared tensors' cells); elsewhere they equal ``factor``.
         """
-        if not self.any_shared or not bool(scaled.any()):
-            return factor
         fx = self._ext(factor, 1.0)
         kx = self._ext(scaled, False)
-        parts = []
+        per_buf = []
         for buf in self.buffers:
-            if not buf.shared:
-                continue
             ids = [buf.cell_view(o, i) for i, o in enumerate(buf.owner)]
-            k = [kx[i] for i in ids]
-            f = [fx[i] for i in ids]
-            for i, o in enumerate(buf.owner):
-                mass, sq = F.shared_element_terms(k, f, i)
+            per_buf.append((ids, [kx[i] for i in ids], [fx[i] for i in ids]))
+        own = factor
+        if self.any_shared and bool(scaled.any()):
+            parts = []
+            for buf, (ids, k, f) in zip(self.buffers, per_buf):
+                if not buf.shared:
+                    continue
+                mass, sq = F.shared_element_terms(k, f)
                 terms = torch.stack([buf.cells * mass, buf.cells * sq])  # [2, B, *sizes]
-                parts.append(buf.spec_sums(terms, 1)[i])
-        sums = self._shared_scatter(parts, 2, self.device)
-        if self.sliced:
-            mass = self._ext(sums[0], 0.0)
-            sq = self._ext(sums[1], 0.0)
-            for t in self.sliced:
-                t.shared_terms(fx, kx, mass, sq)
-            sums = torch.stack([mass[: self.total], sq[: self.total]])
-        return F.compensated_factor(factor, self._new_sq, sums[0], sums[1])
-
-    @torch.no_grad()
-    def apply(self, factor: torch.Tensor, scaled: torch.Tensor,
-              own: torch.Tensor | None = None) -> None:
-        """Scale the parameters' ``x~`` per element (Eq. 1; shared elements by
-        :func:`dpm_core.functional.shared_element_scale`).
-
-        ``factor`` (``[C]``) is used where ``scaled`` (bool ``[C]``); ``own`` is
-        :meth:`own_factors`' result (default: ``factor``).
-        """
-        own = factor if own is None else own
-        fx = self._ext(factor, 1.0)
-        kx = self._ext(scaled, False)
+                for i, t in enumerate(buf.spec_sums(terms, 1)):
+                    parts.append(t * kx[buf.owner[i]])
+            sums = self._shared_scatter(parts, 2, self.device)
+            if self.sliced:
+                mass = self._ext(sums[0], 0.0)
+                sq = self._ext(sums[1], 0.0)
+                for t in self.sliced:
+                    t.shared_terms(fx, kx, mass, sq)
+                sums = torch.stack([mass[: self.total], sq[: self.total]])
+            own = F.compensated_factor(factor, self._new_sq, sums[0], sums[1])
         gx = self._ext(own, 1.0)
-        for buf in self.buffers:
-            ids = [buf.cell_view(o, i) for i, o in enumerate(buf.owner)]
-            scale = F.shared_element_scale([kx[i] for i in ids], [fx[i] for i in ids],
-                                           [gx[i] for i in ids])
+        for buf, (ids, k, f) in zip(self.buffers, per_buf):
+            scale = F.shared_element_scale(k, f, [gx[i] for i in ids])
             shape = list(scale.shape[:1]) + [1] * (buf.data.dim() - 2)
             for j, d in enumerate(buf.spec_dims):
                 shape[1 + d] = scale.shape[1 + j]
             _foreach("mul", buf.params, list(scale.reshape(shape).unbind(0)))
         for t in self.sliced:
             t.apply(fx, kx, gx)
+        return own
