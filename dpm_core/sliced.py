@@ -89,11 +89,25 @@ def reduce_to_cells(t: torch.Tensor, lead: int, keep: tuple[int, ...]) -> torch.
     return t
 
 
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch_like(t: torch.Tensor) -> torch.Tensor:
+    """A chunk-sized work tensor shaped like ``t``, shared by every sliced tensor of a
+    device and dtype (one chunk of memory in all, grown only when a chunk is larger)."""
+    key = (t.device, t.dtype)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < t.numel():
+        buf = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+        _scratch[key] = buf
+    return buf[: t.numel()].view(t.shape)
+
+
 class _Spec:
     """One slice of the tensor: its dim, its group's channel offset, its blocks."""
 
     __slots__ = ("dim", "offset", "m", "r", "kb", "blocks", "owner", "view",
-                 "region_ch", "region_blocks", "snap", "clean", "scratch")
+                 "region_ch", "region_blocks", "snap", "clean")
 
     def __init__(self, shape: tuple, s, offset: int, dump: int):
         d = s.dim
@@ -115,7 +129,6 @@ class _Spec:
         self.region_blocks = None  # their blocks along the view's dim 1 [n * kb]
         self.snap = None           # [pre, n * kb, block]: x, then x~, of the region
         self.clean = None          # (blocks, channels, gathered gradients) of a capture
-        self.scratch = None        # one chunk of x~ at the post-hook (reused)
 
     def positions(self) -> torch.Tensor:
         """The region's positions along ``dim``, in the order of the gathered data."""
@@ -271,11 +284,7 @@ class SlicedTensor:
             for rows, blocks in self._chunks(sp):
                 snap = sp.snap[rows, blocks]
                 if with_old:
-                    if sp.scratch is None or sp.scratch.numel() < snap.numel():
-                        sp.scratch = torch.empty(snap.numel(), dtype=snap.dtype,
-                                                 device=snap.device)
-                    new = self._gather(self.param, sp, rows, blocks,
-                                       out=sp.scratch[: snap.numel()].view(snap.shape))
+                    new = self._gather(self.param, sp, rows, blocks, out=_scratch_like(snap))
                     part = torch.stack([_sq_sums(new, 2).sum(0), _sq_sums(snap, 2).sum(0),
                                         _sq_sums(snap.sub_(new), 2).sum(0)])
                     snap.copy_(new)
@@ -366,10 +375,7 @@ class SlicedTensor:
                 for j, d in enumerate(self.spec_dims):
                     shape[d] = scale.shape[j]
                 # the scaled chunk goes to the (cache-sized) scratch, then into place
-                if sp.scratch is None or sp.scratch.numel() < chunk.numel():
-                    sp.scratch = torch.empty(chunk.numel(), dtype=chunk.dtype,
-                                             device=chunk.device)
-                out = sp.scratch[: chunk.numel()].view(chunk.shape)
+                out = _scratch_like(chunk)
                 torch.mul(nat, scale.view(shape), out=out.view(nat.shape))
                 v = self._view(self.param, sp)[rows]
                 v.index_copy_(1, sp.region_blocks[blocks], out)
