@@ -16,7 +16,9 @@ class DecayConfig:
         steps: N, the number of optimizer steps over which a pruned structure decays to
             zero (paper section 3.1; N = 3 to 5 works best, Appendix A).
         t_rate: T_rate, the threshold on the actual escaping rate C_rate (Eq. 4, 6).
-            The paper uses 0.2-0.4, and 0.1-0.2 with sparse learning.
+            The paper uses 0.2-0.4, and 0.1-0.2 with sparse learning. C_rate lies in
+            [-1, 1] (triangle inequality), so with ``self_rectify`` T_rate must lie in
+            [-1, 1): at 1 or above nothing is ever released, below -1 only C_len decides.
         t_len: T_len, the threshold on the relative gradient length C_len (Eq. 5, 6).
             The paper uses 0.8, and 0.5 with sparse learning.
         self_rectify: turn Self-Rectifying on (``+SR``) or off (``+SP`` only).
@@ -47,6 +49,14 @@ class DecayConfig:
         if not isinstance(self.self_rectify, bool):
             raise ValueError(f"DecayConfig.self_rectify must be True or False, "
                              f"got {self.self_rectify!r}")
+        if self.self_rectify and not -1.0 <= self.t_rate < 1.0:
+            # C_rate = (||x~|| - ||x||) / ||x~ - x|| lies in [-1, 1] (triangle inequality)
+            what = ("C_rate can never exceed it, so no channel would ever be released"
+                    if self.t_rate >= 1.0 else
+                    "C_rate always exceeds it, so releases would depend on C_len alone")
+            raise ValueError(f"DecayConfig.t_rate must lie in [-1, 1) with "
+                             f"self_rectify=True, got {self.t_rate!r}: C_rate lies in [-1, 1], "
+                             f"so {what}; use self_rectify=False to turn Self-Rectifying off")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,12 +24,14 @@ decaying channel (Algorithm 2):
    (Eq. 6) the channel is *released*: it stops decaying, ``n = 0``, it keeps ``x~`` and
    trains normally again.
 2. Otherwise ``n = n + 1`` and ``L_target = (N - n) * L_s`` (Eq. 2, 3). If
-   ``||x~|| > L_target`` the channel becomes ``x~ * L_target / ||x~||`` (Eq. 1,
-   direction kept). If ``||x~|| <= L_target`` it keeps ``x~`` and ``n`` is recalibrated
-   to ``N - ceil(||x~|| / L_s)`` so the next target lies below its norm (section 3.1).
-3. When ``n`` reaches ``N`` the channel is set to exactly 0 and becomes *zeroed*. From
-   then on it is written back to exactly 0 after every step (momentum and weight decay
-   cannot revive it) until an adapter removes it (``drop_channels``).
+   ``||x~|| > L_target`` the channel is *scaled*: it becomes ``x~ * L_target / ||x~||``
+   (Eq. 1, direction kept; factor ``f = L_target / ||x~||``). If ``||x~|| <= L_target``
+   it keeps ``x~`` and ``n`` is recalibrated to ``N - ceil(||x~|| / L_s)`` so the next
+   target lies below its norm (section 3.1).
+3. When ``n`` reaches ``N`` the channel is set to exactly 0 (it is scaled with
+   ``f = 0``) and becomes *zeroed*. From then on its elements are written back to exactly
+   0 after every step, before anything is measured (momentum and weight decay cannot
+   revive it), until an adapter removes it (``drop_channels``).
 
 With N = 3 and no interference the norms after three steps are 2/3, 1/3 and 0 of
 ``L_init`` (Figure 2).
@@ -46,14 +48,45 @@ Other rules
   for both their update and the SR criteria (section 3.2, "Special Situations").
 * Norms and criteria are computed in float32 whatever the parameters' dtype; state lives
   on the parameters' device. Per step only groups that have decaying or zeroed channels
-  are touched: the tensors of the decaying groups are stacked by shape
+  are touched: the small tensors of the decaying groups are stacked by shape
   (:class:`dpm_core.stacked.StackedLayout`, rebuilt only when the set of decaying
   groups or their tensors change), so the kernels run once per distinct shape, not per
-  layer, and the decision math runs once over all their channels. Groups with only
-  zeroed channels get one masked fill per tensor.
-* Where one tensor element belongs to channels of two groups (a conv's input slice in
-  one group, its output filter in another), both groups' scales apply to it, in
-  insertion order; zeroed channels are exact zeros regardless.
+  layer, and the decision math runs once over all their channels. Zeroed channels cost
+  one fill of their slices per tensor (``index_fill_``).
+* A group whose slices change (or that is removed) between the two hooks of one step is
+  left out of that step (its channels do not advance); the other groups go on.
+* Large tensors (at least ``DecayEngine.sliced_min_numel`` elements) are never touched
+  whole in the weight path: only the slices of their decaying channels are gathered,
+  scaled and written back (:mod:`dpm_core.sliced`; with SR, one persistent copy of those
+  slices holds ``x``). Self-Rectifying's ``C_len`` reads every channel's gradient of the
+  decaying groups (Eq. 5's mean is over all M channels), without copying it.
+
+Shared elements
+---------------
+One tensor element can belong to channels of several groups (a conv's filter row to its
+own layer's group, its input column to the previous layer's; every ResNet and VGG has
+this), and those channels may have different factors. The rule, applied after every
+channel's decision (all measured on the same ``x~``, zeroed channels already 0):
+
+* an element owned by two or more *scaled* channels takes the smallest of their
+  factors;
+* an element owned by exactly one scaled channel ``c`` takes ``c``'s *own* factor
+  ``g_c = sqrt((f_c² ||x~_c||² - V_c) / (||x~_c||² - S_c))``, where ``S_c`` is the
+  squared norm of ``c``'s elements shared with other scaled channels and ``V_c`` the
+  same after they took the smallest factor, so that ``||x_c|| = f_c ||x~_c||`` exactly:
+  every scaled channel lands exactly on its target;
+* every other element (live, released or non-finite owners only) keeps ``x~``.
+
+``g_c`` lies in ``[f_c, 1]``: the engine never enlarges a weight. Where exactness would
+need ``g_c > 1`` (a channel's shared elements were shrunk much more by another channel
+than its own target needs, or it has no element of its own), ``g_c = 1`` and the channel
+ends below its target; the next step's recalibration realigns ``n`` (section 3.1). When
+all decaying channels were marked together and nothing else moves the weights, every
+factor is ``(N - n) / (N - n + 1)``, ``g_c = f_c``, and every decaying channel is at
+exactly ``(N - n) / N`` of ``L_init`` after step ``n`` (Figure 2;
+``tests/test_engine_overlap.py`` on a ResNet-18). The per-element math is in
+:func:`dpm_core.functional.shared_element_scale` and
+:func:`dpm_core.functional.compensated_factor`.
 """
 
 from __future__ import annotations
@@ -67,6 +100,7 @@ import torch
 
 from . import functional as F
 from .config import DecayConfig
+from .sliced import SLICED_MIN_NUMEL
 from .stacked import StackedLayout
 
 __all__ = ["DecayEngine", "ChannelState", "EngineHandle"]
@@ -92,14 +126,11 @@ class ChannelState:
 class _Slice:
     """One tensor's share of a group: positions along ``dim`` for each of M channels.
 
-    The hot path works on the whole tensor: one norm kernel over the other dims gives a
-    value per position, and per-channel factors are broadcast back along ``dim`` (for an
-    index slice through ``owner``, which maps each position to its channel, or to M for
-    positions no channel owns).
+    ``local_owner`` maps each position along ``dim`` to the channel that owns it (-1:
+    none); the stacked and sliced kernels build their owner maps from it.
     """
 
-    __slots__ = ("param", "dim", "index", "k", "reduce_dims", "bshape", "owner",
-                 "local_owner")
+    __slots__ = ("param", "dim", "index", "k", "reduce_dims", "local_owner")
 
     def __init__(self, param: torch.Tensor, dim: int, index: torch.Tensor | None, k: int):
         self.param = param
@@ -107,12 +138,7 @@ class _Slice:
         self.index = index  # LongTensor [M, k] or None (channel c owns position c)
         self.k = k
         self.reduce_dims = tuple(d for d in range(param.dim()) if d != dim)
-        shape = [1] * param.dim()
-        shape[dim] = -1
-        self.bshape = tuple(shape)
-        self.owner = None
         size = param.shape[dim]
-        # the channel that owns each position along dim (-1: none)
         if index is None:
             self.local_owner = torch.arange(size, device=param.device)
         else:
@@ -120,18 +146,21 @@ class _Slice:
             local = torch.full((size,), -1, dtype=torch.int64, device=param.device)
             local[index.reshape(-1)] = torch.arange(m, device=param.device).repeat_interleave(k)
             self.local_owner = local
-            self.owner = torch.where(local < 0, torch.full_like(local, m), local)
 
     def sq_norms(self, t: torch.Tensor) -> torch.Tensor:
         """Squared L2 norm of every channel's share of ``t`` (float32 ``[M]``)."""
         return F.channel_sq_norms(t, self.reduce_dims, self.index)
 
-    def expand(self, per_channel: torch.Tensor, fill) -> torch.Tensor:
-        """Per-channel values ``[M]`` as a tensor broadcastable against the parameter."""
-        if self.owner is None:
-            return per_channel.view(self.bshape)
-        ext = torch.cat([per_channel, per_channel.new_full((1,), fill)])
-        return ext[self.owner].view(self.bshape)
+    def positions(self, channels: torch.Tensor) -> torch.Tensor:
+        """The positions along ``dim`` owned by ``channels`` (LongTensor)."""
+        if self.index is None:
+            return channels
+        return self.index[channels].reshape(-1)
+
+    def fill_zeros(self, positions: torch.Tensor) -> None:
+        """Exact zeros at ``positions`` along ``dim``: a fill of those slices only."""
+        if positions.numel():
+            self.param.index_fill_(self.dim, positions, 0)
 
     def layout(self) -> tuple:
         return (tuple(self.param.shape), self.dim, self.k)
@@ -142,7 +171,7 @@ _layout_versions = itertools.count()
 
 class _Group:
     __slots__ = ("name", "slices", "m", "decaying", "zeroed", "n_step", "l_init",
-                 "n_decaying", "n_zeroed", "version")
+                 "n_decaying", "n_zeroed", "version", "_zero_pos")
 
     def __init__(self, name: str, slices: list[_Slice], m: int, device: torch.device):
         self.name = name
@@ -155,6 +184,7 @@ class _Group:
         self.l_init = torch.zeros(m, dtype=torch.float32, device=device)
         self.n_decaying = 0  # python-side counts: no device sync to find active groups
         self.n_zeroed = 0
+        self._zero_pos = None  # (key, positions per slice) of the zeroed channels
 
     @property
     def device(self) -> torch.device:
@@ -171,11 +201,24 @@ class _Group:
         """Squared norms of all M channels of the weights (for ``mark``)."""
         return sum(s.sq_norms(s.param) for s in self.slices)
 
-    def write_zeros(self) -> None:
-        if not self.n_zeroed:
-            return
-        for s in self.slices:
-            s.param.masked_fill_(s.expand(self.zeroed, False), 0)
+    def write_zeros(self, channels: torch.Tensor | None = None) -> None:
+        """Exact zeros in the slices of ``channels`` (default: the zeroed channels).
+
+        A fill of those slices only (``index_fill_``); the positions of the zeroed
+        channels are cached until the zeroed set or the slices change.
+        """
+        if channels is None:
+            if not self.n_zeroed:
+                return
+            key = (self.version, self.n_zeroed, id(self.zeroed))
+            if self._zero_pos is None or self._zero_pos[0] != key:
+                ch = self.zeroed.nonzero().squeeze(1)
+                self._zero_pos = (key, [s.positions(ch) for s in self.slices])
+            positions = self._zero_pos[1]
+        else:
+            positions = [s.positions(channels) for s in self.slices]
+        for s, pos in zip(self.slices, positions):
+            s.fill_zeros(pos)
 
 
 class EngineHandle:
@@ -202,6 +245,10 @@ class DecayEngine:
     released or zeroed; adapters then remove zeroed channels physically. See the module
     docstring for the exact per-step rules.
     """
+
+    #: tensors with at least this many elements take the sliced path (only the decaying
+    #: channels' slices are gathered and written back); smaller ones are stacked by shape
+    sliced_min_numel: int = SLICED_MIN_NUMEL
 
     def __init__(self, config: DecayConfig | None = None):
         if config is None:
@@ -572,6 +619,7 @@ class DecayEngine:
             return
         hooks, hooked = [], set()
         for layout in self._layouts_for(groups):
+            layout.set_regions(torch.cat([g.decaying for g in layout.groups]))
             gnorms = layout.grad_sq_norms(keep=True).sqrt().split(layout.sizes)
             for g, gn in zip(layout.groups, gnorms):
                 self._clean[g.name] = (layout, g.decaying.clone(), gn)
@@ -624,7 +672,7 @@ class DecayEngine:
         for dev, gs in by_device.items():
             layout = self._layout_cache.get(dev)
             if layout is None or not layout.valid_for(StackedLayout.key_of(gs)):
-                layout = StackedLayout(gs)
+                layout = StackedLayout(gs, self.sliced_min_numel)
                 self._layout_cache[dev] = layout
             layouts.append(layout)
         return layouts
@@ -643,6 +691,8 @@ class DecayEngine:
         gnorms = self._restore_clean(clean)
         self._step_layouts = self._layouts_for(groups)
         for layout in self._step_layouts:
+            # the sliced tensors work on the slices of the channels decaying now
+            layout.set_regions(torch.cat([g.decaying for g in layout.groups]))
             if sr:
                 if any(g.name not in gnorms for g in layout.groups):
                     per_group = layout.grad_sq_norms().sqrt().split(layout.sizes)
@@ -656,29 +706,23 @@ class DecayEngine:
     def _post_step(self, optimizer, args, kwargs) -> None:
         sr = self.config.self_rectify
         released_total = zeroed_total = 0
-        covered: set[str] = set()
+        # zeroed channels first: their elements are exact zeros before anything is
+        # measured, so a decaying channel sharing elements with them sees them as 0
+        for g in self._active():
+            g.write_zeros()
         for layout in self._step_layouts:
             # groups whose slices changed (or that were removed) between the hooks are
-            # skipped for this step, as their snapshot no longer matches their tensors
-            keep = [g for g in layout.groups
-                    if g.name in self._pending and self._groups.get(g.name) is g]
-            if not keep:
+            # left out of this step: their snapshot no longer matches their tensors
+            pend = [self._pending.get(g.name) if self._groups.get(g.name) is g else None
+                    for g in layout.groups]
+            if not any(p is not None for p in pend):
                 continue
-            if len(keep) != len(layout.groups):
-                narrowed = StackedLayout(keep)
-                if sr:
-                    narrowed.snapshot_from(layout)
-                layout = narrowed
             # every group is measured before any is scaled, so groups sharing a tensor
             # all see x~
             norms = layout.measure(with_old=sr)
-            r, z = self._decay(layout, [self._pending[g.name] for g in layout.groups], norms)
+            r, z = self._decay(layout, pend, norms)
             released_total += r
             zeroed_total += z
-            covered.update(g.name for g in layout.groups)
-        for g in list(self._active()):
-            if g.name not in covered:
-                g.write_zeros()
         self._pending = {}
         self._step_layouts = []
         self.step_count += 1
@@ -690,52 +734,59 @@ class DecayEngine:
                                 "marked": self._marked_since_step})
         self._marked_since_step = 0
 
-    def _decay(self, layout: StackedLayout, pend: list[tuple], norms: torch.Tensor
+    def _decay(self, layout: StackedLayout, pend: list, norms: torch.Tensor
                ) -> tuple[int, int]:
         """Algorithm 2 for every channel of every group of ``layout`` in one pass.
 
-        ``pend`` holds each group's pre-hook snapshot (decaying mask, gradient norms);
-        ``norms`` is ``[3, C]`` (``||x~||``, ``||x||``, ``||x~ - x||``) or, without SR,
-        ``[1, C]``. Per-channel quantities of all groups are concatenated; decisions are
-        masked to the channels that were decaying at the pre-hook (and still are:
-        ``zero_now`` between the hooks wins).
+        ``pend`` holds each group's pre-hook snapshot (decaying mask, gradient norms), or
+        None for a group left out of this step; ``norms`` is ``[3, C]`` (``||x~||``,
+        ``||x||``, ``||x~ - x||``) or, without SR, ``[1, C]``. Per-channel quantities of
+        all groups are concatenated; decisions are masked to the channels that were
+        decaying at the pre-hook (and still are: ``zero_now`` between the hooks wins).
         """
         cfg = self.config
         groups = layout.groups
         sizes = layout.sizes
         seg = layout.segments
         dev = layout.device
-        dec = torch.cat([p[0] for p in pend]) & torch.cat([g.decaying for g in groups])
+        live = [p is not None for p in pend]
+
+        def per_group(get, fill, dtype):  # placeholders for groups left out
+            return torch.cat([get(g, p) if p is not None else
+                              torch.full((n,), fill, dtype=dtype, device=dev)
+                              for g, p, n in zip(groups, pend, sizes)])
+
+        dec_all = per_group(lambda g, p: p[0] & g.decaying, False, torch.bool)
         norm_new = norms[0]
-        l_init = torch.cat([g.l_init for g in groups])
-        n_step = torch.cat([g.n_step for g in groups])
+        l_init = per_group(lambda g, p: g.l_init, 0.0, torch.float32)
+        n_step = per_group(lambda g, p: g.n_step, 0, torch.int64)
         finite = torch.isfinite(norm_new)
         if cfg.self_rectify:
             norm_old, norm_delta = norms[1], norms[2]
-            gnorm = torch.cat([p[1] for p in pend])
+            gnorm = per_group(lambda g, p: p[1], 0.0, torch.float32)
             finite &= torch.isfinite(norm_old) & torch.isfinite(gnorm)
             c_len = F.relative_grad_length(gnorm, seg, len(groups))
             c_rate = F.escaping_rate(norm_new, norm_old, norm_delta)
-            release = dec & finite & F.release_condition(c_rate, c_len, cfg.t_rate, cfg.t_len)
+            release = dec_all & finite & F.release_condition(c_rate, c_len, cfg.t_rate,
+                                                             cfg.t_len)
         else:
-            release = torch.zeros_like(dec)
-        go = dec & finite & ~release
+            release = torch.zeros_like(dec_all)
+        go = dec_all & finite & ~release
         factor, n_next, zero = F.decay_step(norm_new, l_init, n_step, cfg.steps)
-        factor = torch.where(go, factor, torch.ones_like(factor))
         zero &= go
         n_step = torch.where(go, n_next, torch.where(release, torch.zeros_like(n_next), n_step))
-        bad = dec & ~finite
-        # zeroed channels (before this step, zero_now between the hooks, or now) get 0
-        zeroed = zero | torch.cat([g.zeroed for g in groups])
-        factor = torch.where(zeroed, torch.zeros_like(factor), factor)
-        zeroed_bad = zeroed & ~torch.isfinite(norm_new)  # where 0 * x~ would not be 0
-        counts = torch.zeros(4, len(groups), dtype=torch.int64, device=dev)
-        counts.index_add_(1, seg, torch.stack([release, zero, bad, zeroed_bad]).long())
-        n_rel, n_zero, n_bad, n_zeroed_bad = counts.tolist()
-        # x <- x~ * factor (Eq. 1), exact zeros for every zeroed channel
-        layout.apply(factor, zeroed if any(n_zeroed_bad) else None)
-        for g, n in zip(groups, n_step.split(sizes)):
-            g.n_step = n
+        bad = dec_all & ~finite
+        # x <- x~ * factor (Eq. 1) for the channels brought down to a target this step;
+        # elements shared by several of them: see "Shared elements" in the docstring
+        scaled = go & (factor < 1)
+        factor = torch.where(scaled, factor, torch.ones_like(factor))
+        layout.apply(factor, scaled)
+        counts = torch.zeros(3, len(groups), dtype=torch.int64, device=dev)
+        counts.index_add_(1, seg, torch.stack([release, zero, bad]).long())
+        n_rel, n_zero, n_bad = counts.tolist()
+        for g, ok, nn in zip(groups, live, n_step.split(sizes)):
+            if ok:
+                g.n_step = nn
         for i, g in enumerate(groups):
             if not (n_rel[i] or n_zero[i]):
                 continue
@@ -747,6 +798,7 @@ class DecayEngine:
             if n_zero[i]:
                 self.counters["zeroed"] += n_zero[i]
                 idx = z.nonzero().squeeze(1)
+                g.write_zeros(idx)  # exact zeros even where x~ was not finite
                 for cb in self._zeroed_cbs:
                     cb(g.name, idx)
             if n_rel[i]:
@@ -818,6 +870,7 @@ class DecayEngine:
             g.zeroed = gs["zeroed"].to(g.device, torch.bool).clone()
             g.n_step = gs["n_step"].to(g.device, torch.int64).clone()
             g.l_init = gs["l_init"].to(g.device, torch.float32).clone()
+            g._zero_pos = None
             g.recount()
             self.step_count = int(state["step_count"])
         self.counters = dict(state["counters"])

@@ -21,6 +21,9 @@ __all__ = [
     "relative_grad_length",
     "release_condition",
     "decay_step",
+    "shared_element_terms",
+    "shared_element_scale",
+    "compensated_factor",
 ]
 
 
@@ -157,3 +160,80 @@ def decay_step(norm_new: torch.Tensor, l_init: torch.Tensor, n_step: torch.Tenso
     factor = torch.where(zeroed, torch.zeros_like(factor), factor)
     n_next = torch.where(zeroed, torch.full_like(n_next, steps), n_next)
     return factor, n_next, zeroed
+
+
+# ---------------------------------------------------------------- shared elements
+# Where one tensor element belongs to channels of several groups (a conv's filter row to
+# its own layer's group, its input column to the previous layer's), Eq. 1 cannot scale
+# the element by each channel's factor independently. The rule (section "Shared
+# elements" of the dpm_core.engine docstring): a channel is *scaled* this step when it
+# is brought down to a target (factor f < 1, 0 when it reaches n = N). An element owned
+# by two or more scaled channels takes the smallest of their factors; an element owned
+# by exactly one scaled channel c takes c's compensated factor g_c >= f_c (below); any
+# other element is left alone. Each per-cell function below gets, for every slice that
+# covers the element, the tensors (broadcastable to the cells) of the owning channel's
+# ``scaled`` flag and factor.
+
+
+def _count_and_min(scaled: list[torch.Tensor], factor: list[torch.Tensor]):
+    cnt = None
+    low = None
+    for k, f in zip(scaled, factor):
+        fk = torch.where(k, f, torch.full_like(f, float("inf")))
+        cnt = k.to(torch.int32) if cnt is None else cnt + k.to(torch.int32)
+        low = fk if low is None else torch.minimum(low, fk)
+    return cnt, low
+
+
+def shared_element_terms(scaled: list[torch.Tensor], factor: list[torch.Tensor],
+                         mine: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element weights for the shared elements.
+
+    Returns ``(mass, scaled_mass)``: 1 and ``min_f ** 2`` where the element is owned by
+    two or more scaled channels (one of them slice ``mine``'s, if given), else 0. Summed
+    against the squared elements ``x~_e ** 2`` over a scaled channel's elements, they
+    give ``S_c`` (the shared part of ``||x~_c||²``) and ``V_c`` (that part after
+    scaling) of :func:`compensated_factor`.
+    """
+    cnt, low = _count_and_min(scaled, factor)
+    hit = cnt >= 2
+    if mine is not None:
+        hit = hit & scaled[mine]
+    mass = hit.to(low.dtype)
+    return mass, torch.where(hit, low * low, torch.zeros_like(low))
+
+
+def compensated_factor(factor: torch.Tensor, norm_sq: torch.Tensor,
+                       shared_mass: torch.Tensor, shared_sq: torch.Tensor) -> torch.Tensor:
+    """The factor ``g_c`` of a scaled channel's own (unshared) elements.
+
+    With ``T_c = f_c * ||x~_c||`` (Eq. 1's target), ``S_c`` the squared norm of its
+    elements shared with other scaled channels and ``V_c`` the same after they took the
+    smallest factor, ``g_c = sqrt((T_c² - V_c) / (||x~_c||² - S_c))`` brings the channel's
+    norm exactly to ``T_c``. It is never below ``f_c`` (shared elements got at most
+    ``f_c``) and is capped at 1 (the engine never enlarges a weight): a channel that
+    would need more, or that has no element of its own, ends below its target and the
+    next step's recalibration (section 3.1) realigns its step counter. ``g_c = f_c``
+    where nothing is shared, and 0 for a channel reaching 0.
+    """
+    own_sq = norm_sq - shared_mass
+    target_sq = factor * factor * norm_sq
+    tiny = torch.finfo(own_sq.dtype).tiny
+    g = torch.sqrt((target_sq - shared_sq).clamp_min(0) / own_sq.clamp_min(tiny))
+    g = torch.minimum(torch.maximum(g, factor), torch.ones_like(g))
+    return torch.where((shared_mass > 0) & (own_sq > 0), g, factor)
+
+
+def shared_element_scale(scaled: list[torch.Tensor], factor: list[torch.Tensor],
+                         own: list[torch.Tensor]) -> torch.Tensor:
+    """The scale of each element (Eq. 1 with shared elements; see above).
+
+    ``own`` holds, per slice, the owning channel's compensated factor
+    (:func:`compensated_factor`). Elements with no scaled owner get 1.
+    """
+    cnt, low = _count_and_min(scaled, factor)
+    single = None
+    for k, g in zip(scaled, own):
+        gk = torch.where(k, g, torch.full_like(g, float("inf")))
+        single = gk if single is None else torch.minimum(single, gk)
+    return torch.where(cnt >= 2, low, single.clamp_max(1.0))

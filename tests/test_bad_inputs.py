@@ -55,6 +55,14 @@ def c_t_rate_nan():
     DecayConfig(t_rate=float("nan"))
 
 
+def c_t_rate_one():
+    DecayConfig(t_rate=1.0, self_rectify=True)
+
+
+def c_t_rate_below():
+    DecayConfig(t_rate=-1.5, self_rectify=True)
+
+
 def c_engine_dict_config():
     DecayEngine({"steps": 5})
 
@@ -266,6 +274,10 @@ CASES = [
      "DecayConfig.t_len must be >= 0"),
     ("config-t-rate-nan", "`DecayConfig(t_rate=nan)`", c_t_rate_nan, ValueError,
      "DecayConfig.t_rate must be a finite float"),
+    ("config-t-rate-one", "`DecayConfig(t_rate=1.0, self_rectify=True)`: never releases",
+     c_t_rate_one, ValueError, "t_rate must lie in [-1, 1) with self_rectify=True"),
+    ("config-t-rate-below", "`DecayConfig(t_rate=-1.5, self_rectify=True)`: C_len alone decides",
+     c_t_rate_below, ValueError, "t_rate must lie in [-1, 1) with self_rectify=True"),
     ("engine-dict-config", "`DecayEngine({'steps': 5})`", c_engine_dict_config, TypeError,
      "DecayEngine expects a dpm_core.DecayConfig"),
     ("group-m-mismatch", "slices with 4 and 5 channels in one group", c_m_mismatch,

@@ -36,6 +36,8 @@ def step(w, o, grad):
     ({"t_len": -0.1}, "t_len"), ({"t_rate": float("nan")}, "t_rate"),
     ({"t_rate": float("inf")}, "t_rate"), ({"t_rate": "0.3"}, "t_rate"),
     ({"self_rectify": 1}, "self_rectify"),
+    ({"t_rate": 1.0}, "self_rectify=False"), ({"t_rate": 2.0}, "ever be released"),
+    ({"t_rate": -1.01}, "C_len alone"),
 ])
 def test_config_rejects_bad_values(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -47,6 +49,9 @@ def test_config_defaults_and_roundtrip():
     assert (c.steps, c.t_rate, c.t_len, c.self_rectify) == (5, 0.3, 0.8, True)
     assert DecayConfig.from_dict(c.to_dict()) == c
     assert DecayConfig(t_rate=-1, t_len=0).t_rate == -1.0
+    # without Self-Rectifying the thresholds are unused: any finite value is accepted
+    assert DecayConfig(t_rate=2.0, self_rectify=False).t_rate == 2.0
+    assert DecayConfig(t_rate=0.999).t_rate == 0.999
 
 
 def test_engine_rejects_non_config():
@@ -185,7 +190,7 @@ def test_group_changed_between_step_hooks_skips_only_that_group():
     w2 = torch.nn.Parameter(torch.randn(4, 3))  # same shape: stacked in one buffer
     w3 = torch.nn.Parameter(torch.randn(4, 3))
     o = torch.optim.SGD([w1, w2, w3], lr=0.1)
-    e = DecayEngine(DecayConfig(steps=4, self_rectify=True, t_rate=2.0))
+    e = DecayEngine(DecayConfig(steps=4, self_rectify=True, t_len=1e9))  # never releases
     e.add_group("a", [(w1, 0)])
     e.add_group("b", [(w2, 0)])
     e.attach(o)
@@ -279,16 +284,19 @@ def test_no_release_when_gradient_pulls_inward():
 
 
 def test_criteria_thresholds_are_strict():
-    # C_rate exactly 1 and T_rate = 1: not released (Eq. 6 uses >)
+    # C_rate exactly -1 (a purely inward update) and T_rate = -1: not released (Eq. 6
+    # uses >); C_rate exactly 1 against T_rate = 1 through the pure function
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(2, 3))
-    o = torch.optim.SGD([w], lr=0.1)
-    e = DecayEngine(DecayConfig(steps=5, t_rate=1.0, t_len=0.0))
+    o = torch.optim.SGD([w], lr=0.5)  # x~ = x / 2 exactly: C_rate = -1 exactly
+    e = DecayEngine(DecayConfig(steps=5, t_rate=-1.0, t_len=0.0))
     e.add_group("g", [(w, 0)])
     e.attach(o)
     e.mark("g", [0])
-    step(w, o, outward_grad(w, 0, 1.0))
+    step(w, o, outward_grad(w, 0, -1.0))
     assert e.state("g").decaying[0]
+    one = torch.ones(1)
+    assert not F.release_condition(one, one, 1.0, 0.0).any()
 
 
 def test_functional_criteria_values():
@@ -478,7 +486,7 @@ def test_clean_grads_restored_per_channel_across_groups_sharing_a_tensor():
     u = torch.nn.Parameter(torch.randn(4, 3))
     o = torch.optim.SGD([w, v, u], lr=0.0)
     grads = {}
-    e = DecayEngine(DecayConfig(steps=10 ** 6, self_rectify=True, t_rate=2.0))
+    e = DecayEngine(DecayConfig(steps=10 ** 6, self_rectify=True, t_len=1e9))
     e.add_group("rows", [(w, 0)])
     e.add_group("cols", [(w, 1)])
     e.add_group("other", [(v, 0)])
