@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -233,9 +234,11 @@ def pretrained_model(cfg: RunConfig, ds: Dataset, cache_dir: Optional[Path], *, 
 # ----------------------------------------------------------------------------------------------
 # one run
 # ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def git_commit() -> Optional[str]:
-    """The commit of the code that ran (with ``+dirty`` when the work tree has changes), or None
-    outside a git checkout."""
+    """The commit of the code that runs (with ``+dirty`` when the work tree has changes), or None
+    outside a git checkout. Read once per process, at the first run: the code a process runs is
+    the code it imported then, whatever the checkout holds later."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
@@ -327,6 +330,7 @@ def run_one(cfg: RunConfig, ds: Dataset, out_dir: Path, *, dense_model: torch.nn
         with open(log_path, "a") as f:
             f.write(json.dumps(_jsonable(dict(rec, method=cfg.method, seed=cfg.seed))) + "\n")
 
+    commit = git_commit()
     probe, probe_points = recovery_probe(cfg, ds, len(train))
     set_seed(cfg.seed + 1)
     t0 = time.time()
@@ -354,7 +358,7 @@ def run_one(cfg: RunConfig, ds: Dataset, out_dir: Path, *, dense_model: torch.nn
         "final_sparsity": res.trace[-1]["sparsity"] if res.trace else None,
         "counters": res.counters, "events": res.events, "info": res.info,
         "config": cfg.to_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "probe": probe_points, "git_commit": git_commit(),
+        "probe": probe_points, "git_commit": commit,
         "prune_steps_at": [i * cfg.prune_every for i in range(cfg.iterative_steps)],
     }
     if extra:

@@ -324,19 +324,27 @@ def _report(args) -> dict:
     return r
 
 
+def plain_text(doc: str) -> str:
+    """``doc`` without reStructuredText markup, for ``--help``: ``x`` and :role:`x` become x."""
+    import re
+
+    doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    return doc.replace("``", "")
+
+
 def register(subparsers) -> None:
     """Add the ``overhead`` subcommand to ``dpm-bench``."""
     ap = subparsers.add_parser("overhead", help="time overhead of the DPM engine per "
                                "training iteration (ResNet-56, VGG-11-BN or ViT-B/16, half "
                                "the channels decaying)",
-                               description=__doc__,
+                               description=plain_text(__doc__),
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(ap)
     ap.set_defaults(func=lambda args: (_report(args), 0)[1])
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=plain_text(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(ap)
     return _report(ap.parse_args(argv))

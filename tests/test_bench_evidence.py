@@ -157,5 +157,6 @@ def test_help_has_no_noise(capsys):
         text = p.format_help()
         assert "(default: None)" not in text, name
         assert "%%" not in text, name
+        assert "``" not in text and ":mod:`" not in text, name
         for line in text.splitlines():
             assert line.count("(default") <= 1, (name, line)
