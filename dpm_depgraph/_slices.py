@@ -37,19 +37,17 @@ class UnsupportedGroupError(ValueError):
 
 # ----------------------------------------------------------------------------- probing
 def _meta_clone(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` whose parameters and buffers are storage-less meta
-    tensors of the same shapes; mutating it never touches ``module``."""
-    clone = copy.copy(module)
-    clone._parameters = OrderedDict(
-        (k, None if v is None else nn.Parameter(torch.empty(v.shape, dtype=v.dtype, device="meta"),
-                                                requires_grad=v.requires_grad))
-        for k, v in module._parameters.items())
-    clone._buffers = OrderedDict(
-        (k, None if v is None else torch.empty(v.shape, dtype=v.dtype, device="meta"))
-        for k, v in module._buffers.items())
-    clone._modules = OrderedDict(
-        (k, None if v is None else _meta_clone(v)) for k, v in module._modules.items())
-    return clone
+    """A deep copy of ``module`` whose parameters and buffers are storage-less meta tensors
+    of the same shapes. It shares nothing mutable with ``module`` (containers such as an
+    RNN's ``_flat_weights`` list are copied and point at the meta twins), so a pruning
+    function run on it never touches ``module``."""
+    memo: dict = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                   requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty(b.shape, dtype=b.dtype, device="meta")
+    return copy.deepcopy(module, memo)
 
 
 def _probe_handler(dep) -> list[tuple[str, int]]:
