@@ -23,6 +23,7 @@ and ``pruner.finalize()`` after the last step removes what has decayed.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import types
 import warnings
@@ -106,6 +107,7 @@ class DecayPrunerMixin:
             raise TypeError(f"{type(self).__name__}: pass the wrapped model (ddp.module), not the "
                             f"{type(model).__name__} wrapper; re-wrap it after physical removals "
                             f"(see on_removed)")
+        self._check_ratios(args, kwargs)
         try:
             super().__init__(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
@@ -132,11 +134,59 @@ class DecayPrunerMixin:
         self.removed: dict[str, int] = {}
         self.removals = 0
         self._register_groups()
+        self._warn_output_pruned()
         if not self._roots:
             raise ValueError(f"{type(self).__name__}: found no prunable group in the model (no "
                              f"Conv/Linear layer outside ignored_layers whose output channels "
                              f"Torch-Pruning can prune); check root_module_types and "
                              f"ignored_layers")
+
+    # ------------------------------------------------------------------ arguments
+    def _check_ratios(self, args, kwargs) -> None:
+        """Reject pruning ratios outside [0, 1) now, with a message, instead of an index
+        error deep inside the first ``step()``."""
+        try:
+            bound = inspect.signature(super().__init__).bind(*args, **kwargs)
+        except TypeError:
+            return   # the base pruner reports wrong arguments itself
+        given = bound.arguments
+        extra = given.get("kwargs", {})
+        checks = []
+        for key in ("pruning_ratio", "head_pruning_ratio", "ch_sparsity"):
+            value = given.get(key, extra.get(key))
+            if value is not None:
+                checks.append((key, value))
+        for key in ("pruning_ratio_dict", "head_pruning_ratio_dict", "ch_sparsity_dict"):
+            for layer, value in (given.get(key, extra.get(key)) or {}).items():
+                checks.append((f"{key}[{type(layer).__name__}]", value))
+        for key, value in checks:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value) and 0 <= value < 1
+            if not ok:
+                raise ValueError(
+                    f"{type(self).__name__}: {key} must be a number in [0, 1) (the fraction "
+                    f"of channels or heads to remove; 1 would remove whole layers), got "
+                    f"{value!r}; e.g. pruning_ratio=0.5")
+
+    def _warn_output_pruned(self) -> None:
+        """Warn when a group would shrink a layer whose output is the model's output
+        (usually the classifier forgotten in ``ignored_layers``)."""
+        outputs = []
+        for name in self._roots:
+            for module, is_out, _is_in, _per_root in self._coverage.get(name, []):
+                node = self.DG.module2node.get(module)
+                if is_out and node is not None and not node.outputs \
+                        and module not in [m for m, _ in outputs]:
+                    outputs.append((module, name))
+        for module, group in outputs:
+            layer = self._root_name(module)
+            warnings.warn(
+                f"{type(self).__name__}: pruning would change the model's output size: "
+                f"{layer!r} ({type(module).__name__}, {self.DG.get_out_channels(module)} "
+                f"outputs) produces the model's output and its output channels are pruned "
+                f"with group {group!r}. Put it in ignored_layers (e.g. "
+                f"ignored_layers=[model.get_submodule({layer!r})]) to keep the output size",
+                UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ groups
     def _root_name(self, module) -> str:
