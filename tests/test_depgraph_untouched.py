@@ -70,3 +70,47 @@ def test_building_a_pruner_leaves_the_model_untouched(ignore_lstm):
     assert _attrs(model) == attrs
     with torch.no_grad():
         assert torch.equal(model(x), y0)
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(16, 16)
+        self.lstm = nn.LSTM(16, 8, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        o, _ = self.lstm(self.pre(x))
+        return self.head(o[:, -1])
+
+
+def test_lstm_hidden_size_torch_pruning_cannot_prune_is_a_clear_error():
+    """Plain Torch-Pruning 1.6.1 fails on an LSTM's hidden size (IndexError inside its
+    LSTM pruning function); the decay pruner says so at construction and leaves the
+    model as it was. With the LSTM in ignored_layers both prune its input alike."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    model = Recurrent()
+    values = {n: t.clone() for n, t in model.state_dict().items()}
+    kw = dict(importance=tp.importance.MagnitudeImportance(), pruning_ratio=0.5)
+    with pytest.raises(ValueError, match="Torch-Pruning cannot prune the group of 'lstm'"):
+        DecayMetaPruner(model, x, ignored_layers=[model.head], decay=DecayConfig(steps=1), **kw)
+    assert all(torch.equal(t, values[n]) for n, t in model.state_dict().items())
+    model(x)
+
+    base = Recurrent()
+    base.load_state_dict(model.state_dict())
+    tp.pruner.MetaPruner(base, x, ignored_layers=[base.head, base.lstm], **kw).step()
+    pruner = DecayMetaPruner(model, x, ignored_layers=[model.head, model.lstm],
+                             decay=DecayConfig(steps=1, self_rectify=False), **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner.attach(opt)
+    pruner.step()
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()
+    pruner.finalize()
+    assert {n: p.shape for n, p in model.named_parameters()} == \
+        {n: p.shape for n, p in base.named_parameters()}
+    assert model.lstm.weight_ih_l0.shape == (32, 8)
+    model(x)
