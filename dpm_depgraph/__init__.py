@@ -9,10 +9,10 @@ for any ``torch_pruning.pruner.BasePruner`` subclass. :func:`prune_group` is
 
 from dpm_core import DecayConfig
 
-from ._slices import UnsupportedGroupError, prune_group
+from ._slices import TorchPruningError, UnsupportedGroupError, prune_group
 from .pruner import (DecayBNScalePruner, DecayGroup, DecayGroupNormPruner, DecayMetaPruner,
                      DecayPrunerMixin, decay_pruner)
 
 __all__ = ["DecayConfig", "DecayMetaPruner", "DecayGroupNormPruner", "DecayBNScalePruner",
-           "DecayPrunerMixin", "DecayGroup", "decay_pruner", "UnsupportedGroupError",
+           "DecayPrunerMixin", "DecayGroup", "decay_pruner", "UnsupportedGroupError", "TorchPruningError",
            "prune_group"]

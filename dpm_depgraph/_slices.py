@@ -10,11 +10,15 @@ anywhere in Torch-Pruning, so it is *measured*: the handler is run once on a
 real model) with ``idxs=[0]``, and every parameter whose size shrank by one along one
 dimension is recorded as ``(parameter, dim)``. Position ``i`` handed to the handler is
 then position ``i`` along that dimension (checked against the real tensors at every
-physical removal, see :func:`apply_removal`). Handlers that delete more than one
-position per index or along several dimensions (multi-head attention's packed
-projections, LSTM gates, grouped convolutions' inputs, splits) cannot be expressed as
-DPM channel slices; they raise :class:`UnsupportedGroupError`, and the pruner leaves such
-a group unpruned with a warning.
+physical removal, see :func:`apply_removal`). Handlers that delete several positions
+per index, or along several dimensions (MultiheadAttention's packed q/k/v rows, LSTM
+gates), are measured again on a small real copy whose entries are their own positions,
+with indices 0, 1 and the last: the deleted positions must be a fixed pattern shifted by
+the index (:class:`PositionMap`). A grouped convolution's input index ``i`` is weight
+position ``i % (in_channels / groups)``. Measurements are cached per layer size.
+Deletions that follow no such pattern raise :class:`UnsupportedGroupError` (the pruner
+leaves the group unpruned with a warning); a Torch-Pruning function that fails on the
+copy raises :class:`TorchPruningError`.
 """
 
 from __future__ import annotations
@@ -27,35 +31,124 @@ import torch
 import torch.nn as nn
 from torch_pruning import ops
 
-__all__ = ["UnsupportedGroupError", "GroupLayout", "group_layout", "apply_removal", "prune_group",
-           "remap_optimizer_param"]
+__all__ = ["UnsupportedGroupError", "TorchPruningError", "GroupLayout", "group_layout", "apply_removal", "prune_group",
+           "remap_optimizer_param", "PositionMap", "root_size", "drop_items"]
 
 
 class UnsupportedGroupError(ValueError):
     """A DepGraph group whose deletions cannot be expressed as DPM channel slices."""
 
 
+class TorchPruningError(UnsupportedGroupError):
+    """Torch-Pruning's own pruning function fails on a layer (plain Torch-Pruning would
+    fail on the model as well)."""
+
+
 # ----------------------------------------------------------------------------- probing
 def _meta_clone(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` whose parameters and buffers are storage-less meta
-    tensors of the same shapes; mutating it never touches ``module``."""
-    clone = copy.copy(module)
-    clone._parameters = OrderedDict(
-        (k, None if v is None else nn.Parameter(torch.empty(v.shape, dtype=v.dtype, device="meta"),
-                                                requires_grad=v.requires_grad))
-        for k, v in module._parameters.items())
-    clone._buffers = OrderedDict(
-        (k, None if v is None else torch.empty(v.shape, dtype=v.dtype, device="meta"))
-        for k, v in module._buffers.items())
-    clone._modules = OrderedDict(
-        (k, None if v is None else _meta_clone(v)) for k, v in module._modules.items())
-    return clone
+    """A deep copy of ``module`` whose parameters and buffers are storage-less meta tensors
+    of the same shapes. It shares nothing mutable with ``module`` (containers such as an
+    RNN's ``_flat_weights`` list are copied and point at the meta twins), so a pruning
+    function run on it never touches ``module``."""
+    memo: dict = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                   requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty(b.shape, dtype=b.dtype, device="meta")
+    return copy.deepcopy(module, memo)
 
 
-def _probe_handler(dep) -> list[tuple[str, int]]:
-    """``[(param_name, dim)]`` that ``dep.handler`` deletes one position from, per index.
+@dataclass(frozen=True)
+class PositionMap:
+    """The positions a pruning function deletes along one dim for pruning index ``i``:
+    ``offsets + stride * i`` (``i % modulo`` first when ``modulo`` is set: a grouped
+    convolution's weight holds only one group's input channels)."""
 
-    ``param_name`` is relative to the target module ("" for an unwrapped parameter).
+    offsets: tuple = (0,)
+    stride: int = 1
+    modulo: int | None = None
+
+    def __call__(self, idxs) -> torch.Tensor:
+        """``LongTensor [len(idxs), k]``: the deleted positions of each index."""
+        i = torch.as_tensor(idxs, dtype=torch.int64)
+        if self.modulo:
+            i = i % self.modulo
+        return i[:, None] * self.stride + torch.as_tensor(self.offsets, dtype=torch.int64)[None]
+
+
+_UNIT = PositionMap()
+
+
+def _index_domain(dep) -> int | None:
+    owner = getattr(dep.handler, "__self__", None)
+    target = dep.target.module
+    try:
+        if owner is not None and "out" in dep.handler.__name__:
+            return owner.get_out_channels(target)
+        if owner is not None and "in" in dep.handler.__name__:
+            return owner.get_in_channels(target)
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+def _value_probe(dep, n: int) -> dict:
+    """``{(param_name, dim): PositionMap}`` measured on a real copy whose values are
+    their own flat positions (for functions that delete several positions per index,
+    e.g. MultiheadAttention's packed q/k/v rows or an LSTM's gate rows)."""
+    target = dep.target.module
+    removed: dict = {}
+    probes = sorted({0, min(1, n - 1), n - 1})
+    for idx in probes:
+        memo = {id(p): nn.Parameter(torch.arange(p.numel(), dtype=torch.float64).view(p.shape))
+                for p in target.parameters()}
+        for b in target.buffers():
+            memo[id(b)] = b.detach().clone()
+        clone = copy.deepcopy(target, memo)
+        before = {n_: p for n_, p in clone.named_parameters()}
+        try:
+            dep.handler(clone, [idx])
+        except Exception as e:  # noqa: BLE001
+            raise TorchPruningError(
+                f"{dep}: Torch-Pruning's pruning function fails on this layer for channel "
+                f"{idx} ({type(e).__name__}: {e})") from e
+        for name, old in before.items():
+            new = clone.get_parameter(name)
+            left = new.detach().reshape(-1).long()
+            for dim, size in enumerate(old.shape):
+                stride = int(torch.tensor(old.shape[dim + 1:]).prod()) if dim + 1 < old.dim() else 1
+                kept = torch.unique((left // stride) % size)
+                if kept.numel() == size:
+                    continue
+                mask = torch.ones(size, dtype=torch.bool)
+                mask[kept] = False
+                removed.setdefault((name, dim), {})[idx] = mask.nonzero().squeeze(1)
+    maps = {}
+    for key, by_idx in removed.items():
+        first = by_idx.get(0)
+        if first is None or len(by_idx) != len(probes):
+            raise UnsupportedGroupError(f"{dep}: parameter {key[0]} loses positions along dim "
+                                        f"{key[1]} for some channels only")
+        step = (by_idx[probes[1]] - first) if len(probes) > 1 else torch.zeros_like(first)
+        stride = int(step[0]) if step.numel() else 0
+        ok = step.numel() and bool((step == stride).all()) and all(
+            v.numel() == first.numel() and torch.equal(v, first + stride * i)
+            for i, v in by_idx.items())
+        if not ok:
+            raise UnsupportedGroupError(
+                f"{dep}: parameter {key[0]} loses positions along dim {key[1]} that are not a "
+                f"fixed pattern shifted by the channel index; a decay pruner cannot express it")
+        maps[key] = PositionMap(tuple(int(o) for o in first), stride or 1)
+    return maps
+
+
+def _probe_handler(dep) -> list:
+    """``[(param_name, dim, PositionMap)]``: what ``dep.handler`` deletes per index.
+
+    ``param_name`` is relative to the target module ("" for an unwrapped parameter). One
+    position along one dim per index is measured on a meta copy; anything else (several
+    positions, several dims) on a real copy holding position numbers.
     """
     target = dep.target.module
     handler = dep.handler
@@ -82,7 +175,7 @@ def _probe_handler(dep) -> list[tuple[str, int]]:
         after = {"": tuple(result.shape)} if isinstance(result, torch.Tensor) else before
     else:
         after = {n: tuple(p.shape) for n, p in probe.named_parameters()}
-    out = []
+    out, complex_ = [], False
     for name, shape in before.items():
         new = after.get(name)
         if new is None or len(new) != len(shape):
@@ -93,12 +186,24 @@ def _probe_handler(dep) -> list[tuple[str, int]]:
         if not changed:
             continue
         if len(changed) != 1 or changed[0][1] != 1:
+            complex_ = True
+            break
+        out.append((name, changed[0][0], _UNIT))
+    if complex_:
+        n = _index_domain(dep)
+        if not isinstance(target, nn.Module) or not n:
             raise UnsupportedGroupError(
-                f"{dep}: removing one channel changes parameter {name or '<param>'} of shape "
-                f"{shape} to {new}; a decay pruner can only decay structures that lose one "
-                f"position along one dimension per channel (multi-head attention and LSTM "
-                f"gates are not supported yet)")
-        out.append((name, changed[0][0]))
+                f"{dep}: removing one channel changes several positions of a parameter in a "
+                f"way the decay pruner cannot measure")
+        return [(name, dim, pm) for (name, dim), pm in _value_probe(dep, n).items()]
+    groups = getattr(target, "groups", 1)
+    if isinstance(target, nn.modules.conv._ConvNd) and groups > 1 and "in_channels" in \
+            getattr(handler, "__name__", "") and target.in_channels != groups:
+        # Torch-Pruning deletes the same in-group position from every group of a grouped
+        # convolution: index i is weight position i % (in_channels / groups).
+        per_group = target.in_channels // groups
+        out = [(n_, d, PositionMap(modulo=per_group) if n_ == "weight" else pm)
+               for n_, d, pm in out]
     return out
 
 
@@ -127,16 +232,22 @@ def _items(group):
 
 
 def group_entries(group, probe_cache: dict | None = None) -> "OrderedDict":
-    """``{(id(param), dim): [param, dim, roots(list), positions(list)]}`` for a group.
+    """``{(id(param), dim): [param, dim, roots(LongTensor), positions(LongTensor)]}``.
 
-    Deletions of the same tensor along the same dim by several items are merged.
+    ``roots[j]`` is the root index that deletes position ``positions[j]``. Deletions of the
+    same tensor along the same dim by several items are merged.
     """
     cache = {} if probe_cache is None else probe_cache
     entries: OrderedDict = OrderedDict()
     for dep, idxs, roots in _items(group):
         if not idxs:
             continue
-        key = (id(dep.target.module), dep.handler, dep.target.pruning_dim)
+        target = dep.target.module
+        shapes = (tuple(target.shape),) if isinstance(target, torch.Tensor) else \
+            tuple(tuple(p.shape) for p in target.parameters())
+        # what a function deletes depends on the layer's current size (e.g. the offsets of
+        # MultiheadAttention's packed q/k/v rows): measure again after a removal
+        key = (id(target), dep.handler, dep.target.pruning_dim, shapes)
         dims = cache.get(key)
         if dims is None:
             dims = _probe_handler(dep)
@@ -147,33 +258,55 @@ def group_entries(group, probe_cache: dict | None = None) -> "OrderedDict":
             raise UnsupportedGroupError(
                 f"{dep}: Torch-Pruning could not map its indices back to the group's root "
                 f"channels")
-        for name, dim in dims:
+        r = torch.as_tensor(roots, dtype=torch.int64)
+        for name, dim, pmap in dims:
             p = _get_param(dep.target.module, name)
+            pos = pmap(idxs)                                   # [n, k]
+            rr = r[:, None].expand_as(pos).reshape(-1)
             e = entries.get((id(p), dim))
             if e is None:
-                entries[(id(p), dim)] = [p, dim, list(roots), list(idxs)]
+                entries[(id(p), dim)] = [p, dim, rr, pos.reshape(-1)]
             else:
-                e[2].extend(roots)
-                e[3].extend(idxs)
+                e[2] = torch.cat([e[2], rr])
+                e[3] = torch.cat([e[3], pos.reshape(-1)])
     return entries
 
 
-def group_layout(DG, group, root_name: str, probe_cache: dict | None = None) -> GroupLayout:
-    """Engine slices of a *full* DepGraph group (all M channels of its root)."""
-    root = group[0].dep.target.module
-    m = DG.get_out_channels(root)
+def root_size(DG, group) -> int:
+    """Number of root indices of a group (output or input channels of its root)."""
+    root, fn = group[0].dep.target.module, group[0].dep.handler
+    if DG.is_out_channel_pruning_fn(fn):
+        return DG.get_out_channels(root)
+    return DG.get_in_channels(root)
+
+
+def group_layout(DG, group, root_name: str, probe_cache: dict | None = None,
+                 units: torch.Tensor | None = None) -> GroupLayout:
+    """Engine slices of a *full* DepGraph group (all root indices).
+
+    ``units`` (``LongTensor [M, u]``, default: one root index each) partitions the root
+    indices into the DPM channels: everything the root indices of a unit delete is one
+    channel (a head, a set of grouped-conv channels that go together).
+    """
+    n_roots = root_size(DG, group)
+    if units is None:
+        units = torch.arange(n_roots).view(-1, 1)
+    m = units.shape[0]
+    unit_of = torch.full((n_roots,), -1, dtype=torch.int64)
+    unit_of[units.reshape(-1)] = torch.arange(m).repeat_interleave(units.shape[1])
+    if bool((unit_of < 0).any()):
+        raise UnsupportedGroupError(f"group {root_name!r}: the DPM channels do not cover "
+                                    f"every root index")
     entries = group_entries(group, probe_cache)
     slices = []
     for p, dim, roots, pos in entries.values():
-        r = torch.as_tensor(roots, dtype=torch.int64)
-        q = torch.as_tensor(pos, dtype=torch.int64)
         size = p.shape[dim]
-        if int(q.min()) < 0 or int(q.max()) >= size or int(r.min()) < 0 or int(r.max()) >= m:
+        if int(pos.min()) < 0 or int(pos.max()) >= size or int(roots.min()) < 0 \
+                or int(roots.max()) >= n_roots:
             raise UnsupportedGroupError(
                 f"group {root_name!r}: the pruning indices of a tensor of shape "
-                f"{tuple(p.shape)} (dim {dim}) are not positions along that dim (e.g. the "
-                f"input channels of a grouped convolution)")
-        key = torch.unique(r * size + q)          # dedupe (root, position) pairs, sorted
+                f"{tuple(p.shape)} (dim {dim}) are not positions along that dim")
+        key = torch.unique(unit_of[roots] * size + pos)   # dedupe (unit, position), sorted
         r, q = key // size, key % size
         if torch.unique(q).numel() != q.numel():
             raise UnsupportedGroupError(
@@ -195,10 +328,20 @@ def group_layout(DG, group, root_name: str, probe_cache: dict | None = None) -> 
         if dep.target.type == ops.OPTYPE.PARAMETER or not idxs or roots is None \
                 or any(r is None for r in roots):
             continue
-        counts = torch.bincount(torch.as_tensor(roots, dtype=torch.int64), minlength=m)
+        counts = torch.bincount(unit_of[torch.as_tensor(roots, dtype=torch.int64)],
+                                minlength=m)
         coverage.append((dep.target.module, DG.is_out_channel_pruning_fn(dep.handler),
                          DG.is_in_channel_pruning_fn(dep.handler), counts))
     return GroupLayout(m=m, slices=slices, coverage=coverage)
+
+
+def drop_items(group, modules) -> None:
+    """Remove the items of ``group`` whose target is in ``modules`` (in place), e.g. the
+    shared key/value projections when Torch-Pruning removes whole query heads of a
+    grouped-query attention."""
+    if modules:
+        keep = [it for it in group._group if not any(it.dep.target.module is m for m in modules)]
+        group._group[:] = keep
 
 
 # ----------------------------------------------------------------------------- removal
@@ -240,7 +383,7 @@ def remap_optimizer_param(optimizer, old: torch.Tensor, new: torch.Tensor,
 
 
 def apply_removal(DG, model: nn.Module, root_module, root_fn, channels: list[int],
-                  optimizer=None, probe_cache: dict | None = None) -> list:
+                  optimizer=None, probe_cache: dict | None = None, skip=()) -> list:
     """Physically remove ``channels`` of the group rooted at ``root_module`` through
     DepGraph (``group.prune()``, which also records the pruning history), then re-point
     ``optimizer`` at the new parameters with their state sliced.
@@ -248,10 +391,11 @@ def apply_removal(DG, model: nn.Module, root_module, root_fn, channels: list[int
     Returns ``[(old_param, new_param)]`` for every replaced parameter.
     """
     group = DG.get_pruning_group(root_module, root_fn, channels)
+    drop_items(group, skip)
     entries = group_entries(group, probe_cache)
     plan: dict = {}   # id(old) -> (old, {dim: removed positions})
     for p, dim, _roots, pos in entries.values():
-        plan.setdefault(id(p), (p, {}))[1].setdefault(dim, set()).update(pos)
+        plan.setdefault(id(p), (p, {}))[1].setdefault(dim, set()).update(pos.tolist())
     owners = _param_owners(model)
     before = {id(p): p for p in (q for q, _ in plan.values())}
     all_before = {(id(mod), name): p for owned in owners.values() for mod, name in owned

@@ -23,6 +23,7 @@ and ``pruner.finalize()`` after the last step removes what has decayed.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import types
 import warnings
@@ -37,7 +38,11 @@ from torch_pruning.pruner.importance import GroupMagnitudeImportance
 
 from dpm_core import DecayConfig, DecayEngine
 
-from ._slices import GroupLayout, UnsupportedGroupError, apply_removal, group_layout
+from ._slices import (GroupLayout, TorchPruningError, UnsupportedGroupError, apply_removal,
+                      drop_items,
+                      group_layout, root_size)
+from .attention import (attention_modules, group_units, head_layers, kv_layers_to_skip,
+                        sync_attention_attributes, sync_model_attributes)
 
 __all__ = ["DecayPrunerMixin", "decay_pruner", "DecayMetaPruner", "DecayGroupNormPruner",
            "DecayBNScalePruner", "DecayGroup", "UnsupportedGroupError"]
@@ -106,6 +111,7 @@ class DecayPrunerMixin:
             raise TypeError(f"{type(self).__name__}: pass the wrapped model (ddp.module), not the "
                             f"{type(model).__name__} wrapper; re-wrap it after physical removals "
                             f"(see on_removed)")
+        self._check_ratios(args, kwargs)
         try:
             super().__init__(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
@@ -125,40 +131,128 @@ class DecayPrunerMixin:
         self._last_step_at: int | None = None
         self._dead_counts: dict | None = None
         self._probe_cache: dict = {}
-        self._roots: dict[str, tuple] = {}      # engine name -> (root module, root out-fn)
-        self._root_names: dict[int, str] = {}   # id(root module) -> engine name
+        self._roots: dict[str, tuple] = {}      # engine name -> (root module, root fn)
+        self._root_names: dict[tuple, str] = {} # (id(root module), is_out) -> engine name
         self._coverage: dict[str, list] = {}
+        self._units: dict[str, torch.Tensor] = {}   # engine name -> root indices [M, u]
+        self._tensor_sets: dict[frozenset, str] = {}
+        self._heads: dict = dict(self.num_heads)     # physical head counts per qkv layer
+        self._attention = attention_modules(self.model, self.num_heads)
+        if self.num_heads and self.prune_num_heads and self.prune_head_dims:
+            raise NotImplementedError(
+                f"{type(self).__name__}: prune_num_heads=True together with "
+                f"prune_head_dims=True is not supported by the decay pruners (a head and a "
+                f"head dim overlap, so they cannot both be one DPM channel); choose one, as "
+                f"Torch-Pruning's examples do (prune_num_heads=True, prune_head_dims=False)")
         self._removed_cbs: list[Callable] = []
         self.removed: dict[str, int] = {}
         self.removals = 0
         self._register_groups()
+        self._warn_output_pruned()
         if not self._roots:
             raise ValueError(f"{type(self).__name__}: found no prunable group in the model (no "
                              f"Conv/Linear layer outside ignored_layers whose output channels "
                              f"Torch-Pruning can prune); check root_module_types and "
                              f"ignored_layers")
 
+    # ------------------------------------------------------------------ arguments
+    def _check_ratios(self, args, kwargs) -> None:
+        """Reject pruning ratios outside [0, 1) now, with a message, instead of an index
+        error deep inside the first ``step()``."""
+        try:
+            bound = inspect.signature(super().__init__).bind(*args, **kwargs)
+        except TypeError:
+            return   # the base pruner reports wrong arguments itself
+        given = bound.arguments
+        extra = given.get("kwargs", {})
+        checks = []
+        for key in ("pruning_ratio", "head_pruning_ratio", "ch_sparsity"):
+            value = given.get(key, extra.get(key))
+            if value is not None:
+                checks.append((key, value))
+        for key in ("pruning_ratio_dict", "head_pruning_ratio_dict", "ch_sparsity_dict"):
+            for layer, value in (given.get(key, extra.get(key)) or {}).items():
+                checks.append((f"{key}[{type(layer).__name__}]", value))
+        for key, value in checks:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value) and 0 <= value < 1
+            if not ok:
+                raise ValueError(
+                    f"{type(self).__name__}: {key} must be a number in [0, 1) (the fraction "
+                    f"of channels or heads to remove; 1 would remove whole layers), got "
+                    f"{value!r}; e.g. pruning_ratio=0.5")
+
+    def _warn_output_pruned(self) -> None:
+        """Warn when a group would shrink a layer whose output is the model's output
+        (usually the classifier forgotten in ``ignored_layers``)."""
+        outputs = []
+        for name in self._roots:
+            for module, is_out, _is_in, _per_root in self._coverage.get(name, []):
+                node = self.DG.module2node.get(module)
+                if is_out and node is not None and not node.outputs \
+                        and module not in [m for m, _ in outputs]:
+                    outputs.append((module, name))
+        for module, group in outputs:
+            layer = self._root_name(module)
+            warnings.warn(
+                f"{type(self).__name__}: pruning would change the model's output size: "
+                f"{layer!r} ({type(module).__name__}, {self.DG.get_out_channels(module)} "
+                f"outputs) produces the model's output and its output channels are pruned "
+                f"with group {group!r}. Put it in ignored_layers (e.g. "
+                f"ignored_layers=[model.get_submodule({layer!r})]) to keep the output size",
+                UserWarning, stacklevel=3)
+
     # ------------------------------------------------------------------ groups
-    def _root_name(self, module) -> str:
-        return self.DG._module2name.get(module) or f"<{type(module).__name__}@{id(module):x}>"
+    def _root_name(self, module, is_out: bool = True) -> str:
+        name = self.DG._module2name.get(module) or f"<{type(module).__name__}@{id(module):x}>"
+        return name if is_out else f"{name}:in"
+
+    def _key(self, group) -> tuple:
+        dep = group[0].dep
+        return id(dep.target.module), bool(self.DG.is_out_channel_pruning_fn(dep.handler))
 
     def _full_group(self, module, fn):
-        return self.DG.get_pruning_group(module, fn, list(range(self.DG.get_out_channels(module))))
+        is_out = self.DG.is_out_channel_pruning_fn(fn)
+        n = self.DG.get_out_channels(module) if is_out else self.DG.get_in_channels(module)
+        return self.DG.get_pruning_group(module, fn, list(range(n)))
+
+    def _layout_of(self, group, name: str) -> tuple:
+        """``(layout, units, skipped layers)`` of a full group as DPM channels."""
+        skip = kv_layers_to_skip(self, group)
+        units = group_units(self, group, root_size(self.DG, group))
+        drop_items(group, skip)
+        return group_layout(self.DG, group, name, self._probe_cache, units), units, skip
 
     def _layout(self, name: str) -> GroupLayout:
         module, fn = self._roots[name]
-        return group_layout(self.DG, self._full_group(module, fn), name, self._probe_cache)
+        layout, units, _ = self._layout_of(self._full_group(module, fn), name)
+        self._units[name] = units
+        return layout
 
     def _register_groups(self) -> None:
         skipped = []
         for group in list(self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                                  root_module_types=self.root_module_types)):
+            root = group[0].dep.target.module
+            if self._is_atten_group(group)[0]:
+                # Torch-Pruning selects attention groups re-rooted at the output projection
+                # (its input channels); register that group, so selections map to it.
+                group = self._downstream_node_as_root_if_attention(group)
+                if group is None:
+                    continue
             try:
                 self._register(group)
+            except TorchPruningError as e:
+                layer = self._root_name(root)
+                raise ValueError(
+                    f"{type(self).__name__}: Torch-Pruning cannot prune the group of {layer!r} "
+                    f"({type(root).__name__}): its pruning function fails ({e}); plain "
+                    f"Torch-Pruning fails on this model too. Put the layer in ignored_layers "
+                    f"(e.g. ignored_layers=[model.get_submodule({layer!r})]); the model was "
+                    f"not changed") from e
             except UnsupportedGroupError as e:
                 # Not expressible as DPM channels: leave the whole group unpruned (as if its
                 # root were in ignored_layers) rather than remove it abruptly.
-                root = group[0].dep.target.module
                 self.ignored_layers.append(root)
                 skipped.append(f"{self._root_name(root)} ({e})")
         if skipped:
@@ -167,22 +261,47 @@ class DecayPrunerMixin:
                 f"pruned: {'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}. Put their "
                 f"root layers in ignored_layers to silence this warning", UserWarning, stacklevel=3)
 
-    def _register(self, group) -> str:
+    def _register(self, group) -> str | None:
         module, fn = group[0].dep.target.module, group[0].dep.handler
-        name = self._root_name(module)
-        if name in self._roots:
-            return name
-        layout = group_layout(self.DG, group, name, self._probe_cache)
+        key = self._key(group)
+        if key in self._root_names:
+            return self._root_names[key]
+        name = self._root_name(module, key[1])
+        group = self._full_group(module, fn)
+        layout, units, _ = self._layout_of(group, name)
         if not layout.slices:
-            return name   # nothing parameterised to decay (Torch-Pruning skips it as well)
+            return None   # nothing parameterised to decay (Torch-Pruning skips it as well)
+        tensors = frozenset((id(sl[0]), sl[1]) for sl in layout.slices)
+        if tensors in self._tensor_sets:
+            # the same tensors seen from another root: one engine group per set of tensors
+            other = self._tensor_sets[tensors]
+            self._root_names[key] = other
+            return other
         self.engine.add_group(name, layout.slices)
         self._roots[name] = (module, fn)
-        self._root_names[id(module)] = name
+        self._root_names[key] = name
         self._coverage[name] = layout.coverage
+        self._units[name] = units
+        self._tensor_sets[tensors] = name
         return name
 
     def _name_of(self, group) -> str | None:
-        return self._root_names.get(id(group[0].dep.target.module))
+        return self._root_names.get(self._key(group))
+
+    def _roots_of_units(self, name: str, dead: torch.Tensor) -> torch.Tensor:
+        """Bool mask over the group's root indices that belong to the ``dead`` units."""
+        units = self._units[name]
+        out = torch.zeros(units.numel(), dtype=torch.bool)
+        out[units[dead.cpu()].reshape(-1)] = True
+        return out
+
+    def _sync_heads(self) -> None:
+        """Torch-Pruning's ``num_heads`` / ``out_channel_groups`` count the heads still in
+        the model (its ``_prune`` lowers them at selection; here heads leave at removal)."""
+        for layer, heads in self._heads.items():
+            self.num_heads[layer] = heads
+            if layer in self.out_channel_groups:
+                self.out_channel_groups[layer] = heads
 
     def _dead(self, name: str) -> torch.Tensor:
         st = self.engine.state(name)
@@ -289,7 +408,10 @@ class DecayPrunerMixin:
         if name is None:
             return imp
         dead = self._dead(name)
-        if not bool(dead.any()) or dead.numel() != imp.numel():
+        if not bool(dead.any()):
+            return imp
+        dead = self._roots_of_units(name, dead)
+        if dead.numel() != imp.numel():
             return imp
         dead = dead.to(imp.device)
         scorer = self.importance
@@ -313,6 +435,7 @@ class DecayPrunerMixin:
         return imp
 
     def _prune(self):
+        self._sync_heads()
         self._dead_counts = self._live_dead_counts()
         gen = super()._prune()
         while True:
@@ -335,7 +458,16 @@ class DecayPrunerMixin:
         chans = list(group[0].idxs) if idxs is None else list(idxs)
         if not chans:
             return torch.zeros(0, dtype=torch.long)
-        return self.engine.mark(name, chans)   # skips decaying / zeroed channels
+        units = self._units[name]
+        picked = torch.zeros(units.numel(), dtype=torch.bool)
+        picked[torch.as_tensor(chans, dtype=torch.int64)] = True
+        per_unit = picked[units]                  # [M, u]
+        whole = per_unit.all(1)
+        if bool((per_unit.any(1) & ~whole).any()):
+            raise RuntimeError(
+                f"group {name!r}: the selection splits a unit that Torch-Pruning removes "
+                f"together (a head or a channel group); please report this model")
+        return self.engine.mark(name, whole.nonzero().squeeze(1))   # skips decaying / zeroed
 
     # ------------------------------------------------------------------ step
     def step(self, interactive: bool = False):
@@ -380,24 +512,57 @@ class DecayPrunerMixin:
         return {"removed": {k: int(v.numel()) for k, v in removed.items()},
                 "still_decaying": still}
 
+    def _removable(self, name: str, zeroed: torch.Tensor) -> torch.Tensor:
+        """The zeroed units to remove now. With ``round_to``, only as many as leave a
+        multiple of ``round_to`` root channels (as Torch-Pruning's selection does); the
+        rest stay in the model at exactly zero until more of the group is zeroed
+        (Self-Rectifying may have released part of a selection)."""
+        if not self.round_to or zeroed.numel() == 0:
+            return zeroed
+        units = self._units[name]
+        m, u = units.shape
+        keep_roots = -(-((m - zeroed.numel()) * u) // self.round_to) * self.round_to
+        n = (m * u - keep_roots) // u
+        if n * u != m * u - keep_roots:
+            return zeroed   # round_to does not fit this group's unit size: as the selection
+        return zeroed[:max(n, 0)]
+
+    def _after_removal(self, name: str, group_before, n_units: int) -> None:
+        """Head bookkeeping when ``n_units`` whole heads of group ``name`` were removed."""
+        qkv = head_layers(self, group_before)
+        if not (qkv and self.prune_num_heads):
+            return
+        top = max(self._heads[m] for m in qkv)
+        for m in qkv:
+            if self._heads[m] == top:
+                self._heads[m] -= n_units
+
     def _remove(self, force: bool) -> dict:
         plan = {}
         for name in self.engine.groups():
-            z = self.engine.zeroed_channels(name)
+            z = self._removable(name, self.engine.zeroed_channels(name).cpu())
             if z.numel():
-                plan[name] = z.cpu()
+                plan[name] = z
         if not plan:
             return {}
         replaced = []
         for name, chans in plan.items():
             module, fn = self._roots[name]
-            if chans.numel() >= self.DG.get_out_channels(module):
+            units = self._units[name]
+            if chans.numel() >= units.shape[0]:
                 raise RuntimeError(f"group {name!r}: every channel is zeroed; refusing to remove "
                                    f"the whole layer (use ignored_layers or a lower pruning "
                                    f"ratio)")
-            replaced += apply_removal(self.DG, self.model, module, fn, chans.tolist(),
-                                      self.optimizer, self._probe_cache)
+            full = self._full_group(module, fn)
+            skip = kv_layers_to_skip(self, full)
+            roots = units[chans].reshape(-1).sort().values.tolist()
+            replaced += apply_removal(self.DG, self.model, module, fn, roots,
+                                      self.optimizer, self._probe_cache, skip=skip)
+            self._after_removal(name, full, int(chans.numel()))
             self.removed[name] = self.removed.get(name, 0) + int(chans.numel())
+        self._sync_heads()
+        sync_attention_attributes(self._attention, self._heads)
+        sync_model_attributes(self.model)
         changed = {id(old) for old, _ in replaced}
         for name in list(self.engine.groups()):
             if name in plan:
@@ -462,8 +627,15 @@ class DecayPrunerMixin:
                                      f"model does not have; load into the same architecture")
                 layer_pruner = self.DG.get_pruner_of_module(module)
                 fn = layer_pruner.prune_out_channels if is_out else layer_pruner.prune_in_channels
+                full = self._full_group(module, fn)
                 apply_removal(self.DG, self.model, module, fn, list(idxs), self.optimizer,
-                              self._probe_cache)
+                              self._probe_cache, skip=kv_layers_to_skip(self, full))
+                name = self._root_names.get((id(module), bool(is_out)))
+                if name is not None:
+                    self._after_removal(name, full, len(idxs) // self._units[name].shape[1])
+                    self._sync_heads()
+            sync_attention_attributes(self._attention, self._heads)
+            sync_model_attributes(self.model)
             for name in list(self.engine.groups()):
                 self.engine.remove_group(name)
             names = list(state["num_channels"])

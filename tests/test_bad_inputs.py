@@ -202,6 +202,33 @@ def c_dg_prune_group_not_a_group():
     prune_group(pruner.DG, "features.3")
 
 
+def c_dg_ratio_over_one():
+    import torch_pruning as tp
+    from dpm_depgraph import DecayMetaPruner
+    m = _tiny_cnn()
+    DecayMetaPruner(m, torch.randn(1, 3, 8, 8), importance=tp.importance.MagnitudeImportance(),
+                    pruning_ratio=1.5, ignored_layers=[m[8]], decay=DecayConfig())
+
+
+def c_dg_head_ratio_negative():
+    import torch_pruning as tp
+    from dpm_depgraph import DecayMetaPruner
+    m = _tiny_cnn()
+    DecayMetaPruner(m, torch.randn(1, 3, 8, 8), importance=tp.importance.MagnitudeImportance(),
+                    head_pruning_ratio=-0.1, ignored_layers=[m[8]], decay=DecayConfig())
+
+
+def c_dg_classifier_pruned():
+    import warnings
+
+    import torch_pruning as tp
+    from dpm_depgraph import DecayMetaPruner
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # the warning as the raised "error"
+        DecayMetaPruner(_tiny_cnn(), torch.randn(1, 3, 8, 8),
+                        importance=tp.importance.MagnitudeImportance(), decay=DecayConfig())
+
+
 def _oto():
     from dpm_otov2 import OTO
     return OTO(_tiny_cnn(), torch.randn(1, 3, 8, 8))
@@ -327,6 +354,13 @@ CASES = [
      c_dg_untraceable, RuntimeError, "could not trace"),
     ("dg-prune-group", "`prune_group(DG, 'features.3')`: a name, not a Torch-Pruning group",
      c_dg_prune_group_not_a_group, TypeError, "expects a torch_pruning Group"),
+    ("dg-ratio-over-one", "decay pruner with `pruning_ratio=1.5`", c_dg_ratio_over_one,
+     ValueError, "pruning_ratio must be a number in [0, 1)"),
+    ("dg-head-ratio-negative", "decay pruner with `head_pruning_ratio=-0.1`",
+     c_dg_head_ratio_negative, ValueError, "head_pruning_ratio must be a number in [0, 1)"),
+    ("dg-classifier-pruned", "decay pruner without the classifier in `ignored_layers` (a "
+     "warning)", c_dg_classifier_pruned, UserWarning, "pruning would change the model's "
+     "output size"),
     ("oto-decay-int", "`oto.dhspg(..., decay=5)`", c_oto_decay_int, TypeError,
      "decay must be None, a dpm_core.DecayConfig or a DecayEngine"),
     ("oto-target-sparsity", "`oto.dhspg(target_group_sparsity=1.5)`", c_oto_target,
