@@ -192,6 +192,21 @@ def c_dg_prune_group_not_a_group():
     prune_group(pruner.DG, "features.3")
 
 
+def c_attach_scheduler():
+    opt = torch.optim.SGD(_tiny_cnn().parameters(), lr=0.1)
+    DecayEngine().attach(torch.optim.lr_scheduler.StepLR(opt, 10))
+
+
+def c_hf_plain_pruner():
+    pytest.importorskip("transformers")
+    import torch_pruning as tp
+    from dpm_depgraph.hf import DecayPruningCallback
+    m = _tiny_cnn()
+    DecayPruningCallback(tp.pruner.MetaPruner(m, torch.randn(1, 3, 8, 8),
+                                              importance=tp.importance.MagnitudeImportance(),
+                                              ignored_layers=[m[8]]))
+
+
 def _oto():
     from dpm_otov2 import OTO
     return OTO(_tiny_cnn(), torch.randn(1, 3, 8, 8))
@@ -267,6 +282,10 @@ CASES = [
      c_dg_untraceable, RuntimeError, "could not trace"),
     ("dg-prune-group", "`prune_group(DG, 'features.3')`: a name, not a Torch-Pruning group",
      c_dg_prune_group_not_a_group, TypeError, "expects a torch_pruning Group"),
+    ("attach-scheduler", "`attach(lr_scheduler)`: a scheduler, not an optimizer",
+     c_attach_scheduler, TypeError, "attach() expects a torch.optim.Optimizer (or a wrapper"),
+    ("hf-plain-pruner", "`DecayPruningCallback(tp.pruner.MetaPruner(...))`",
+     c_hf_plain_pruner, TypeError, "DecayPruningCallback expects a decay pruner"),
     ("oto-decay-int", "`oto.dhspg(..., decay=5)`", c_oto_decay_int, TypeError,
      "decay must be None, a dpm_core.DecayConfig or a DecayEngine"),
     ("oto-target-sparsity", "`oto.dhspg(target_group_sparsity=1.5)`", c_oto_target,
