@@ -8,7 +8,8 @@ so the residual width stays, like that example's ``--bottleneck``), and fine-tun
 
     python examples/vit_cifar10.py                  # DecayMetaPruner (+SR)
     python examples/vit_cifar10.py --base           # tp.pruner.MetaPruner
-    python examples/vit_cifar10.py --mlp-only       # MLP hidden channels only (both)
+    python examples/vit_cifar10.py --both           # train once, prune a copy with each
+    python examples/vit_cifar10.py --mlp-only       # MLP hidden channels only
     python examples/vit_cifar10.py --smoke          # ~30 s: tiny model and data
 
 Data: ``--data-dir`` (default ``data``) in the npz layout (``python
@@ -27,6 +28,7 @@ MLP hidden channels only and keeps all heads; ``--mlp-only`` gives both runs tha
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -80,16 +82,18 @@ def describe(model):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", action="store_true", help="plain Torch-Pruning (no DPM)")
+    ap.add_argument("--both", action="store_true",
+                    help="train once, then prune a copy with plain Torch-Pruning and one with DPM")
     ap.add_argument("--mlp-only", action="store_true",
                     help="prune MLP hidden channels only (attention qkv in ignored_layers)")
     ap.add_argument("--dataset", default="cifar10", help="cifar10 (digits fallback), digits, synthetic")
     ap.add_argument("--data-dir", default="data")
-    ap.add_argument("--train-subset", type=int, default=5000, help="class-balanced training images")
-    ap.add_argument("--test-subset", type=int, default=2000)
+    ap.add_argument("--train-subset", type=int, default=2500, help="class-balanced training images")
+    ap.add_argument("--test-subset", type=int, default=1000)
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--heads", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=4, help="training epochs before pruning")
+    ap.add_argument("--epochs", type=int, default=3, help="training epochs before pruning")
     ap.add_argument("--finetune-epochs", type=int, default=1, help="per pruning step")
     ap.add_argument("--iterative-steps", type=int, default=2)
     ap.add_argument("--ratio", type=float, default=0.5, help="MLP hidden channel pruning ratio")
@@ -117,24 +121,55 @@ def main(argv=None):
                       test_subset=args.test_subset, fallback=True, image_size=32)
     print(f"data: {ds.source}, {len(ds.train_labels)} train / {len(ds.test_labels)} test "
           f"({time.time() - t0:.0f}s)")
+
+    def build_model():
+        return VisionTransformer(img_size=32, patch_size=4, in_chans=ds.in_channels,
+                                 num_classes=ds.num_classes, embed_dim=args.dim,
+                                 depth=args.depth, num_heads=args.heads, mlp_ratio=4.0)
+
+    model = build_model()
     train_loader, test_loader = make_loaders(ds, batch_size=args.batch_size, seed=args.seed)
-    model = VisionTransformer(img_size=32, patch_size=4, in_chans=ds.in_channels,
-                              num_classes=ds.num_classes, embed_dim=args.dim, depth=args.depth,
-                              num_heads=args.heads, mlp_ratio=4.0)
-    example_inputs = torch.randn(1, ds.in_channels, 32, 32)
-
-    def make_optimizer(lr):
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-
-    optimizer = make_optimizer(args.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     for epoch in range(args.epochs):
         train_epoch(model, optimizer, train_loader)
         print(f"epoch {epoch + 1}/{args.epochs}: acc {evaluate(model, test_loader):.3f}  "
               f"({time.time() - t0:.0f}s)")
+    trained = copy.deepcopy(model.state_dict())
+    example_inputs = torch.randn(1, ds.in_channels, 32, 32)
     macs0, params0 = tp.utils.count_ops_and_params(model, example_inputs)
     acc0 = evaluate(model, test_loader)
     print(f"before pruning: acc {acc0:.3f}  MACs {macs0 / 1e6:.2f}M  params {params0 / 1e6:.3f}M"
           f"  {describe(model)}")
+
+    results = {}
+    for base in ([True, False] if args.both else [args.base]):
+        model = build_model()                      # the same trained model for each run
+        model.load_state_dict(trained)
+        torch.manual_seed(args.seed + 1)
+        train_loader, test_loader = make_loaders(ds, batch_size=args.batch_size,
+                                                 seed=args.seed + 1)
+        model, pruner = prune_and_finetune(model, base, args, example_inputs, train_loader,
+                                           test_loader)
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+        acc = evaluate(model, test_loader)
+        label = "base" if base else "DPM" + (" +SP" if args.no_sr else " +SR")
+        print(f"after pruning ({label}): acc {acc:.3f}  MACs {macs / 1e6:.2f}M "
+              f"({100 * macs / macs0:.1f}%)  params {params / 1e6:.3f}M "
+              f"({100 * params / params0:.1f}%)  {describe(model)}")
+        print(f"{label}: before -> after: params {params0 / 1e6:.3f}M -> {params / 1e6:.3f}M, "
+              f"MACs {macs0 / 1e6:.2f}M -> {macs / 1e6:.2f}M, acc {acc0:.3f} -> {acc:.3f}")
+        if not base:
+            print("decay counters:", pruner.engine.counters)
+        results["base" if base else "decay"] = dict(
+            params=(params0, params), macs=(macs0, macs), acc=(acc0, acc), model=model,
+            shapes={n: tuple(p.shape) for n, p in model.named_parameters()})
+    print(f"done in {time.time() - t0:.0f}s")
+    return results
+
+
+def prune_and_finetune(model, base, args, example_inputs, train_loader, test_loader):
+    def make_optimizer(lr):
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
 
     # Torch-Pruning's ViT arguments: heads of each qkv layer, whole heads removed
     num_heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, Attention)}
@@ -146,7 +181,7 @@ def main(argv=None):
                   ignored_layers=ignored, num_heads=num_heads, prune_num_heads=True,
                   prune_head_dims=False, head_pruning_ratio=args.head_ratio,
                   unwrapped_parameters=[(model.cls_token, 2), (model.pos_embed, 2)])
-    if args.base:
+    if base:
         pruner = tp.pruner.MetaPruner(model, example_inputs, **kwargs)
     else:
         pruner = DecayMetaPruner(model, example_inputs, **kwargs,                          # DPM
@@ -155,35 +190,21 @@ def main(argv=None):
                                                    self_rectify=not args.no_sr))
         pruner.on_removed(lambda pruner, removed: sync_heads(model))                       # DPM
     optimizer = make_optimizer(args.lr / 2)
-    if not args.base:
+    if not base:
         pruner.attach(optimizer)                                                           # DPM
 
     for it in range(args.iterative_steps):
         pruner.step()
-        if args.base:
+        if base:
             sync_heads(model)                        # heads were removed now
             optimizer = make_optimizer(args.lr / 2)  # Torch-Pruning replaced the parameters
         for _ in range(args.finetune_epochs):
             train_epoch(model, optimizer, train_loader)
-        print(f"pruning step {it + 1}/{args.iterative_steps}: acc "
+        print(f"{'base' if base else 'DPM'} pruning step {it + 1}/{args.iterative_steps}: acc "
               f"{evaluate(model, test_loader):.3f}  ({time.time() - t0:.0f}s)")
-    if not args.base:
+    if not base:
         print("finalize:", pruner.finalize(force=True))                                   # DPM
-
-    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    acc = evaluate(model, test_loader)
-    label = "base" if args.base else "DPM" + ("" if args.no_sr else " +SR")
-    print(f"after pruning ({label}): acc {acc:.3f}  MACs {macs / 1e6:.2f}M "
-          f"({100 * macs / macs0:.1f}%)  params {params / 1e6:.3f}M ({100 * params / params0:.1f}%)"
-          f"  {describe(model)}")
-    print(f"before -> after: params {params0 / 1e6:.3f}M -> {params / 1e6:.3f}M, MACs "
-          f"{macs0 / 1e6:.2f}M -> {macs / 1e6:.2f}M, acc {acc0:.3f} -> {acc:.3f}")
-    if not args.base:
-        print("decay counters:", pruner.engine.counters)
-    print(f"done in {time.time() - t0:.0f}s")
-    return dict(params=(params0, params), macs=(macs0, macs), acc=(acc0, acc),
-                shapes={n: tuple(p.shape) for n, p in model.named_parameters()}, model=model)
-
+    return model, pruner
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ accelerate = pytest.importorskip("accelerate")
 import torch_pruning as tp  # noqa: E402
 
 from dpm_core import DecayConfig  # noqa: E402
-from dpm_depgraph import DecayMetaPruner  # noqa: E402
+from dpm_depgraph import DecayGroupNormPruner, DecayMetaPruner, DecayPrunerMixin  # noqa: E402
 from dpm_depgraph.hf import DecayPruningCallback  # noqa: E402
 
 VOCAB, SEQ, INTER = 64, 8, 64
@@ -32,7 +32,7 @@ def _llama(seed=0):
 
 
 def _pruner(model, iterative_steps=2, steps=2, cls=DecayMetaPruner, **kw):
-    if cls is DecayMetaPruner:
+    if issubclass(cls, DecayPrunerMixin):
         kw["decay"] = DecayConfig(steps=steps, self_rectify=False)
     ignored = [model.lm_head] + [layer.self_attn for layer in model.model.layers]
     with warnings.catch_warnings():
@@ -157,6 +157,25 @@ def test_accelerate_prepared_optimizer_attaches_and_follows_removals():
     train_step()
     assert not torch.equal(before, w.detach())
     assert prepared_opt.state[w]["exp_avg"].shape == w.shape
+
+
+def test_regularize_runs_the_sparse_learning_penalty_before_every_optimizer_step(tmp_path):
+    model = _llama()
+    pruner = _pruner(model, cls=DecayGroupNormPruner, reg=1e-3)
+    calls = []
+    real = pruner.regularize
+
+    def counting(m, *a, **kw):
+        calls.append(pruner.engine.step_count)   # before the step it penalises
+        return real(m, *a, **kw)
+    pruner.regularize = counting
+    callback = DecayPruningCallback(pruner, prune_every=2, regularize=True)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, 5), train_dataset=_data(),
+                                   callbacks=[callback])
+    trainer.train()
+    assert calls == [0, 1, 2, 3, 4]
+    assert callback.pruning_steps == [0, 2]
+    assert model.model.layers[0].mlp.gate_proj.out_features == INTER // 2
 
 
 def test_callback_rejects_bad_arguments():

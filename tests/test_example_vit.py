@@ -32,7 +32,7 @@ def _runs(model):
 
 
 def test_base_run_removes_heads_and_mlp_channels(example, capsys):
-    r = example.main(TINY + ["--base"])
+    r = example.main(TINY + ["--base"])["base"]
     model = r["model"]
     assert [b.attn.num_heads for b in model.blocks] == [1, 1]          # one head per step
     assert [b.attn.qkv.out_features for b in model.blocks] == [48, 48]  # 3 x 1 head x 16
@@ -43,8 +43,8 @@ def test_base_run_removes_heads_and_mlp_channels(example, capsys):
 
 
 def test_decay_run_reaches_the_base_shapes_without_self_rectifying(example):
-    base = example.main(TINY + ["--base", "--mlp-only"])
-    decay = example.main(TINY + ["--mlp-only", "--no-sr"])
+    runs = example.main(TINY + ["--both", "--mlp-only", "--no-sr"])
+    base, decay = runs["base"], runs["decay"]
     assert decay["shapes"] == base["shapes"]
     assert decay["params"][1] == base["params"][1] < base["params"][0]
     assert _runs(decay["model"])
