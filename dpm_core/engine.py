@@ -101,6 +101,7 @@ import torch
 from . import functional as F
 from .config import DecayConfig
 from .sliced import SLICED_MIN_NUMEL
+from .optim_utils import unwrap_optimizer
 from .stacked import StackedLayout
 
 __all__ = ["DecayEngine", "ChannelState", "EngineHandle"]
@@ -563,9 +564,7 @@ class DecayEngine:
     # ------------------------------------------------------------------ optimizer
     def attach(self, optimizer: torch.optim.Optimizer) -> EngineHandle:
         """Drive the engine from ``optimizer``'s own step hooks; returns a handle."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"attach() expects a torch.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}")
+        optimizer = unwrap_optimizer(optimizer)   # accelerate / Trainer wrappers
         if self._optimizer is not None:
             if self._optimizer is optimizer:
                 return self._handle

@@ -37,6 +37,7 @@ from torch_pruning.pruner.algorithms.base_pruner import BasePruner
 from torch_pruning.pruner.importance import GroupMagnitudeImportance
 
 from dpm_core import DecayConfig, DecayEngine
+from dpm_core.optim_utils import unwrap_optimizer
 
 from ._slices import (GroupLayout, TorchPruningError, UnsupportedGroupError, apply_removal,
                       drop_items,
@@ -311,9 +312,7 @@ class DecayPrunerMixin:
     def attach(self, optimizer: torch.optim.Optimizer):
         """Tie the pruner to the optimizer used for fine-tuning (its step hooks drive the
         decay; physical removals re-point it at the new parameters). Returns ``self``."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"attach() expects a torch.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}")
+        optimizer = unwrap_optimizer(optimizer)   # accelerate / Trainer wrappers
         if self.optimizer is optimizer:
             return self
         held = {id(p) for pg in optimizer.param_groups for p in pg["params"]}

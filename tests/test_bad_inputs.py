@@ -227,6 +227,19 @@ def c_dg_classifier_pruned():
         warnings.simplefilter("error", UserWarning)   # the warning as the raised "error"
         DecayMetaPruner(_tiny_cnn(), torch.randn(1, 3, 8, 8),
                         importance=tp.importance.MagnitudeImportance(), decay=DecayConfig())
+def c_attach_scheduler():
+    opt = torch.optim.SGD(_tiny_cnn().parameters(), lr=0.1)
+    DecayEngine().attach(torch.optim.lr_scheduler.StepLR(opt, 10))
+
+
+def c_hf_plain_pruner():
+    pytest.importorskip("transformers")
+    import torch_pruning as tp
+    from dpm_depgraph.hf import DecayPruningCallback
+    m = _tiny_cnn()
+    DecayPruningCallback(tp.pruner.MetaPruner(m, torch.randn(1, 3, 8, 8),
+                                              importance=tp.importance.MagnitudeImportance(),
+                                              ignored_layers=[m[8]]))
 
 
 def _oto():
@@ -361,6 +374,10 @@ CASES = [
     ("dg-classifier-pruned", "decay pruner without the classifier in `ignored_layers` (a "
      "warning)", c_dg_classifier_pruned, UserWarning, "pruning would change the model's "
      "output size"),
+    ("attach-scheduler", "`attach(lr_scheduler)`: a scheduler, not an optimizer",
+     c_attach_scheduler, TypeError, "attach() expects a torch.optim.Optimizer (or a wrapper"),
+    ("hf-plain-pruner", "`DecayPruningCallback(tp.pruner.MetaPruner(...))`",
+     c_hf_plain_pruner, TypeError, "DecayPruningCallback expects a decay pruner"),
     ("oto-decay-int", "`oto.dhspg(..., decay=5)`", c_oto_decay_int, TypeError,
      "decay must be None, a dpm_core.DecayConfig or a DecayEngine"),
     ("oto-target-sparsity", "`oto.dhspg(target_group_sparsity=1.5)`", c_oto_target,
