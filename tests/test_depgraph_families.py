@@ -66,7 +66,7 @@ def test_self_rectifying_releases_whole_units_and_the_model_stays_valid(name):
     fam = _family(name)
     model = fam.build()
     x = fam.inputs()
-    decay = DecayConfig(steps=3, t_rate=-1e6, t_len=0.9, self_rectify=True)
+    decay = DecayConfig(steps=3, t_rate=-1.0, t_len=0.9, self_rectify=True)
     pruner, _ = run_decay(fam, model, x, steps=3, decay=decay,
                           check=lambda m, p: _runs(fam, m, x))
     assert pruner.engine.counters["released"] > 0
@@ -161,7 +161,7 @@ def test_release_frees_a_whole_head():
     fam = FAMILIES["timm_vit_heads"]
     model, x = fam.build(), fam.inputs()
     pruner, opt, attns = _timm_heads_pruner(
-        model, x, DecayConfig(steps=3, t_rate=-1e6, t_len=0.0),   # releases at once
+        model, x, DecayConfig(steps=3, t_rate=-1.0, t_len=0.0),   # releases at once
         lambda ps: torch.optim.SGD(ps, lr=0.01))
     pruner.step()
     norms0 = _head_norms(attns[0])
