@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from .data import Dataset, make_loaders
 from .models import get_model
-from .runners.base import cosine_lr, evaluate, set_lr, set_seed
+from .runners.base import cosine_lr, evaluate, forward_precision, set_lr, set_seed, training
 
 #: The dense pre-training recipe (fixed before any comparison ran).
 RECIPE = dict(epochs=50, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
@@ -56,15 +55,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def autocast_context(precision: str, device: str = "cpu"):
-    """bfloat16 autocast for ``precision == "bf16"``, else nothing (float32)."""
-    if precision == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
-    return nullcontext()
 
 
 def load_checkpoint(model: str, dataset: str, seed: int, ckpt_dir: Optional[Path] = None, *,
@@ -125,7 +115,7 @@ def pretrain_dense(model_name: str, ds: Dataset, seed: int, out_dir: Path, work_
         seen, correct, loss_sum = 0, 0, 0.0
         for i, (x, y) in enumerate(train):
             set_lr(opt, cosine_lr(r["lr"], epoch * steps_per_epoch + i, total, warmup))
-            with autocast_context(precision, device):
+            with training(precision), forward_precision(model):
                 out = model(x)
             loss = F.cross_entropy(out.float(), y)
             opt.zero_grad(set_to_none=True)

@@ -20,6 +20,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from dpm_core import DecayConfig
 from dpm_otov2 import OTO
 from dpm_otov2.dhspg_rules import num_kept
+from test_otov2_dhspg import subnet_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,14 +84,7 @@ def test_every_layer_keeps_a_group_and_subnet_matches(arch, target, decay, tmp_p
     assert final <= opt.K / opt.total_num_groups + 1e-12
     assert abs(final - target) <= opt.tolerance_group_sparsity, final
     assert final >= target - 0.01, final
-    model.eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        y_full = model(x)
-    oto.construct_subnet(out_dir=str(tmp_path))
-    sub = oto.compressed_model().eval()
-    with torch.no_grad():
-        assert (sub(x) - y_full).abs().max().item() < 1e-4
+    sub = subnet_of(model, oto, torch.randn(2, 3, 32, 32), tmp_path)  # asserts the 1e-4 bound
     assert sum(p.numel() for p in sub.parameters()) < params0
 
 
