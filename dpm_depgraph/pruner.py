@@ -22,19 +22,14 @@ and ``pruner.finalize()`` after the last step removes what has decayed.
 
 from __future__ import annotations
 
-import copy
-import inspect
-import math
 import types
 import warnings
 from typing import Callable
 
 import torch
-import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
 from torch_pruning.pruner.algorithms.base_pruner import BasePruner
-from torch_pruning.pruner.importance import GroupMagnitudeImportance
 
 from dpm_core import DecayConfig, DecayEngine
 from dpm_core.optim_utils import unwrap_optimizer
@@ -42,14 +37,15 @@ from dpm_core.optim_utils import unwrap_optimizer
 from ._slices import (GroupLayout, TorchPruningError, UnsupportedGroupError, apply_removal,
                       drop_items,
                       group_layout, root_size)
+from .selection import dead_channel_counts, live_importance
+from .checkpoint import load_pruner_state, pruner_state
+from .checks import check_decay, check_model, check_ratios, trace_error, warn_output_pruned
 from .attention import (attention_modules, group_units, head_layers, kv_layers_to_skip,
                         sync_attention_attributes, sync_model_attributes)
 
 __all__ = ["DecayPrunerMixin", "decay_pruner", "DecayMetaPruner", "DecayGroupNormPruner",
            "DecayBNScalePruner", "DecayGroup", "UnsupportedGroupError"]
 
-_STATE_VERSION = 1
-_TRACE_FRAMES = {"build_dependency", "_trace", "_trace_computational_graph", "_build_dependency"}
 
 
 class DecayGroup(tp.dependency.Group):
@@ -71,15 +67,6 @@ class DecayGroup(tp.dependency.Group):
         self._decay_pruner._start_decay(self, idxs)
 
 
-def _from_trace(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name in _TRACE_FRAMES:
-            return True
-        tb = tb.tb_next
-    return False
-
-
 class DecayPrunerMixin:
     """Turns a Torch-Pruning pruner into a decay pruner; see the module docstring.
 
@@ -97,32 +84,16 @@ class DecayPrunerMixin:
     """
 
     def __init__(self, *args, decay: DecayConfig | None = None, **kwargs):
-        if decay is None:
-            decay = DecayConfig()
-        if not isinstance(decay, DecayConfig):
-            hint = " (use decay=DecayConfig(**your_dict))" if isinstance(decay, dict) else ""
-            raise TypeError(f"{type(self).__name__}: decay must be a dpm_core.DecayConfig, got "
-                            f"{type(decay).__name__}{hint}; e.g. decay=DecayConfig(steps=5, "
-                            f"t_rate=0.3, t_len=0.8)")
-        model = kwargs.get("model", args[0] if args else None)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{type(self).__name__}: the first argument must be the nn.Module to "
-                            f"prune, got {type(model).__name__}")
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            raise TypeError(f"{type(self).__name__}: pass the wrapped model (ddp.module), not the "
-                            f"{type(model).__name__} wrapper; re-wrap it after physical removals "
-                            f"(see on_removed)")
-        self._check_ratios(args, kwargs)
+        owner = type(self).__name__
+        decay = check_decay(owner, decay)
+        check_model(owner, args, kwargs)
+        check_ratios(owner, super().__init__, args, kwargs)
         try:
             super().__init__(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
-            if _from_trace(e):
-                raise RuntimeError(
-                    f"{type(self).__name__}: Torch-Pruning could not trace the model with the "
-                    f"given example_inputs ({type(e).__name__}: {e}). Check that "
-                    f"example_inputs run through model(example_inputs) (right shape, dtype and "
-                    f"device, and grad enabled), pass forward_fn= for models that need other "
-                    f"calling conventions or output_transform= for non-tensor outputs") from e
+            err = trace_error(owner, e)
+            if err is not None:
+                raise err from e
             raise
         self.decay = decay
         self.engine = DecayEngine(decay)
@@ -149,7 +120,7 @@ class DecayPrunerMixin:
         self.removed: dict[str, int] = {}
         self.removals = 0
         self._register_groups()
-        self._warn_output_pruned()
+        warn_output_pruned(self)
         if not self._roots:
             raise ValueError(f"{type(self).__name__}: found no prunable group in the model (no "
                              f"Conv/Linear layer outside ignored_layers whose output channels "
@@ -157,52 +128,6 @@ class DecayPrunerMixin:
                              f"ignored_layers")
 
     # ------------------------------------------------------------------ arguments
-    def _check_ratios(self, args, kwargs) -> None:
-        """Reject pruning ratios outside [0, 1) now, with a message, instead of an index
-        error deep inside the first ``step()``."""
-        try:
-            bound = inspect.signature(super().__init__).bind(*args, **kwargs)
-        except TypeError:
-            return   # the base pruner reports wrong arguments itself
-        given = bound.arguments
-        extra = given.get("kwargs", {})
-        checks = []
-        for key in ("pruning_ratio", "head_pruning_ratio", "ch_sparsity"):
-            value = given.get(key, extra.get(key))
-            if value is not None:
-                checks.append((key, value))
-        for key in ("pruning_ratio_dict", "head_pruning_ratio_dict", "ch_sparsity_dict"):
-            for layer, value in (given.get(key, extra.get(key)) or {}).items():
-                checks.append((f"{key}[{type(layer).__name__}]", value))
-        for key, value in checks:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and math.isfinite(value) and 0 <= value < 1
-            if not ok:
-                raise ValueError(
-                    f"{type(self).__name__}: {key} must be a number in [0, 1) (the fraction "
-                    f"of channels or heads to remove; 1 would remove whole layers), got "
-                    f"{value!r}; e.g. pruning_ratio=0.5")
-
-    def _warn_output_pruned(self) -> None:
-        """Warn when a group would shrink a layer whose output is the model's output
-        (usually the classifier forgotten in ``ignored_layers``)."""
-        outputs = []
-        for name in self._roots:
-            for module, is_out, _is_in, _per_root in self._coverage.get(name, []):
-                node = self.DG.module2node.get(module)
-                if is_out and node is not None and not node.outputs \
-                        and module not in [m for m, _ in outputs]:
-                    outputs.append((module, name))
-        for module, group in outputs:
-            layer = self._root_name(module)
-            warnings.warn(
-                f"{type(self).__name__}: pruning would change the model's output size: "
-                f"{layer!r} ({type(module).__name__}, {self.DG.get_out_channels(module)} "
-                f"outputs) produces the model's output and its output channels are pruned "
-                f"with group {group!r}. Put it in ignored_layers (e.g. "
-                f"ignored_layers=[model.get_submodule({layer!r})]) to keep the output size",
-                UserWarning, stacklevel=3)
-
     # ------------------------------------------------------------------ groups
     def _root_name(self, module, is_out: bool = True) -> str:
         name = self.DG._module2name.get(module) or f"<{type(module).__name__}@{id(module):x}>"
@@ -361,21 +286,7 @@ class DecayPrunerMixin:
 
     # ------------------------------------------------------------------ selection
     def _live_dead_counts(self) -> dict:
-        """``{(id(module), 'out'|'in'): number of channels owned by decaying/zeroed
-        channels}`` over all groups (a consumer may be fed by several groups)."""
-        counts: dict = {}
-        for name in self.engine.groups():
-            dead = self._dead(name)
-            if not bool(dead.any()):
-                continue
-            d = dead.long()
-            for module, is_out, is_in, per_root in self._coverage.get(name, []):
-                n = int((per_root.to(d.device) * d).sum())
-                if is_out:
-                    counts[(id(module), "out")] = counts.get((id(module), "out"), 0) + n
-                if is_in:
-                    counts[(id(module), "in")] = counts.get((id(module), "in"), 0) + n
-        return counts
+        return dead_channel_counts(self)
 
     def _check_pruning_ratio(self, group) -> bool:
         # Torch-Pruning's rule (stop at max_pruning_ratio or one channel) on LIVE channels:
@@ -403,35 +314,7 @@ class DecayPrunerMixin:
         imp = super().estimate_importance(group)
         if not self._in_selection or imp is None:
             return imp
-        name = self._name_of(group)
-        if name is None:
-            return imp
-        dead = self._dead(name)
-        if not bool(dead.any()):
-            return imp
-        dead = self._roots_of_units(name, dead)
-        if dead.numel() != imp.numel():
-            return imp
-        dead = dead.to(imp.device)
-        scorer = self.importance
-        norm = getattr(scorer, "normalizer", None)
-        if isinstance(scorer, GroupMagnitudeImportance) and norm is not None:
-            # Normalise over the live channels only, as if the decaying/zeroed ones were
-            # already removed (they are, as far as the pruning target is concerned).
-            scorer.normalizer = None
-            try:
-                raw = super().estimate_importance(group)
-            finally:
-                scorer.normalizer = norm
-            live_imp = scorer._normalize(raw[~dead].float(), norm)
-            imp = torch.empty_like(raw, dtype=torch.float32)
-            imp[~dead] = live_imp
-        else:
-            imp = imp.clone().float()
-        # -inf: the base pruner's top-k takes them first, so they fill their share of the
-        # step's target; _start_decay skips them (they are decaying or zeroed already).
-        imp[dead] = -math.inf
-        return imp
+        return live_importance(self, group, imp, super().estimate_importance)
 
     def _prune(self):
         self._sync_heads()
@@ -591,73 +474,14 @@ class DecayPrunerMixin:
     def state_dict(self) -> dict:
         """Pruner state for exact resume: schedule position, scopes, removal history and
         the engine's decay state. Save it with the model's and optimizer's state_dicts."""
-        return {
-            "version": _STATE_VERSION,
-            "current_step": self.current_step,
-            "scope_initial_channels": dict(self._scope_initial_channels),
-            "pruning_history": copy.deepcopy(self.DG.pruning_history()),
-            "removed": dict(self.removed),
-            "removals": self.removals,
-            "last_step_at": self._last_step_at,
-            "num_channels": {n: self.engine.num_channels(n) for n in self.engine.groups()},
-            "decay": self.decay.to_dict(),
-            "engine": self.engine.state_dict(),
-        }
+        return pruner_state(self)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`. On a freshly built (unpruned) model the recorded
         physical removals are replayed first, through the attached optimizer, so call it
         after ``attach(optimizer)`` and before ``model.load_state_dict`` /
         ``optimizer.load_state_dict``."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"not a decay pruner state_dict (version {_STATE_VERSION})")
-        self._require_attached("load_state_dict()")
-        if state["decay"] != self.decay.to_dict():
-            raise ValueError(f"checkpoint was made with decay={state['decay']}, this pruner has "
-                             f"{self.decay.to_dict()}; build the pruner with the same DecayConfig")
-        history = state["pruning_history"]
-        mine = self.DG.pruning_history()
-        if len(mine) == 0 and history:
-            mod_by_name = dict(self.model.named_modules())
-            for module_name, is_out, idxs in history:
-                module = mod_by_name.get(module_name)
-                if module is None or module not in self.DG.module2node:
-                    raise ValueError(f"checkpoint removes channels of {module_name!r}, which this "
-                                     f"model does not have; load into the same architecture")
-                layer_pruner = self.DG.get_pruner_of_module(module)
-                fn = layer_pruner.prune_out_channels if is_out else layer_pruner.prune_in_channels
-                full = self._full_group(module, fn)
-                apply_removal(self.DG, self.model, module, fn, list(idxs), self.optimizer,
-                              self._probe_cache, skip=kv_layers_to_skip(self, full))
-                name = self._root_names.get((id(module), bool(is_out)))
-                if name is not None:
-                    self._after_removal(name, full, len(idxs) // self._units[name].shape[1])
-                    self._sync_heads()
-            sync_attention_attributes(self._attention, self._heads)
-            sync_model_attributes(self.model)
-            for name in list(self.engine.groups()):
-                self.engine.remove_group(name)
-            names = list(state["num_channels"])
-            for name in names:
-                module, fn = self._roots[name]
-                layout = self._layout(name)
-                self.engine.add_group(name, layout.slices)
-                self._coverage[name] = layout.coverage
-            self.update_regularizer()
-        elif mine != history:
-            raise ValueError("this model was already pruned differently from the checkpoint; "
-                             "load into a freshly built model")
-        counts = {n: self.engine.num_channels(n) for n in self.engine.groups()}
-        if counts != state["num_channels"]:
-            bad = [n for n in state["num_channels"] if counts.get(n) != state["num_channels"][n]]
-            raise ValueError(f"checkpoint does not fit this model: channel counts differ for "
-                             f"{bad[:5]}; load into a model of the architecture it was saved from")
-        self.engine.load_state_dict(state["engine"])
-        self.current_step = int(state["current_step"])
-        self._scope_initial_channels = dict(state["scope_initial_channels"])
-        self.removed = dict(state["removed"])
-        self.removals = int(state["removals"])
-        self._last_step_at = state.get("last_step_at")
+        load_pruner_state(self, state)
 
 
 _CLASS_CACHE: dict = {}
