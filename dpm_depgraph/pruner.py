@@ -37,7 +37,8 @@ from dpm_core.optim_utils import unwrap_optimizer
 from ._slices import (GroupLayout, TorchPruningError, UnsupportedGroupError, apply_removal,
                       drop_items,
                       group_layout, root_size)
-from .selection import dead_channel_counts, live_importance
+from .selection import (dead_channel_counts, dead_weights_hidden, live_head_ratio,
+                        live_importance)
 from .checkpoint import load_pruner_state, pruner_state
 from .checks import check_decay, check_model, check_ratios, trace_error, warn_output_pruned
 from .attention import (attention_modules, group_units, head_layers, kv_layers_to_skip,
@@ -107,6 +108,8 @@ class DecayPrunerMixin:
         self._root_names: dict[tuple, str] = {} # (id(root module), is_out) -> engine name
         self._coverage: dict[str, list] = {}
         self._units: dict[str, torch.Tensor] = {}   # engine name -> root indices [M, u]
+        self._slices: dict[str, list] = {}          # engine name -> its engine slices
+        self._head_groups: dict = {}                # qkv layer -> engine name (heads)
         self._tensor_sets: dict[frozenset, str] = {}
         self._heads: dict = dict(self.num_heads)     # physical head counts per qkv layer
         self._attention = attention_modules(self.model, self.num_heads)
@@ -153,6 +156,7 @@ class DecayPrunerMixin:
         module, fn = self._roots[name]
         layout, units, _ = self._layout_of(self._full_group(module, fn), name)
         self._units[name] = units
+        self._slices[name] = layout.slices
         return layout
 
     def _register_groups(self) -> None:
@@ -208,7 +212,10 @@ class DecayPrunerMixin:
         self._root_names[key] = name
         self._coverage[name] = layout.coverage
         self._units[name] = units
+        self._slices[name] = layout.slices
         self._tensor_sets[tensors] = name
+        for layer in head_layers(self, group):
+            self._head_groups[layer] = name
         return name
 
     def _name_of(self, group) -> str | None:
@@ -316,14 +323,28 @@ class DecayPrunerMixin:
             return imp
         return live_importance(self, group, imp, super().estimate_importance)
 
+    def get_target_head_pruning_ratio(self, module) -> float:
+        ratio = super().get_target_head_pruning_ratio(module)
+        if not self._in_selection:
+            return ratio
+        return live_head_ratio(self, module, ratio)
+
     def _prune(self):
         self._sync_heads()
         self._dead_counts = self._live_dead_counts()
         gen = super()._prune()
+        first = True
         while True:
             self._in_selection = True
             try:
-                group = next(gen)
+                if first:
+                    # every importance is computed before the first group is yielded:
+                    # with the dead channels' weights reading 0, as if removed
+                    with dead_weights_hidden(self):
+                        group = next(gen)
+                    first = False
+                else:
+                    group = next(gen)
             except StopIteration:
                 return
             finally:

@@ -247,9 +247,11 @@ def run_plain(fam, model, x, steps=2, ratio=0.5):
     return pruner
 
 
-def run_decay(fam, model, x, steps=2, ratio=0.5, decay=None, check=None, opt_cls=None):
-    """The decay pruner on the same arguments; one optimizer step between pruning steps;
-    ``check(model, pruner)`` after every optimizer step."""
+def run_decay(fam, model, x, steps=2, ratio=0.5, decay=None, check=None, opt_cls=None,
+              between=None):
+    """The decay pruner on the same arguments; ``between`` optimizer steps between pruning
+    steps (default ``decay.steps``: what was selected is zeroed by the next step; fewer:
+    it is still decaying); ``check(model, pruner)`` after every optimizer step."""
     from dpm_depgraph import DecayConfig, DecayMetaPruner
     kw = fam.kwargs(model)
     decay = decay or DecayConfig(steps=1, self_rectify=False)
@@ -270,7 +272,7 @@ def run_decay(fam, model, x, steps=2, ratio=0.5, decay=None, check=None, opt_cls
 
     for _ in range(steps):
         pruner.step()
-        train(decay.steps)
+        train(decay.steps if between is None else between)
     pruner.finalize(force=True)
     train(1)
     return pruner, opt
