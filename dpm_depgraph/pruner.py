@@ -41,8 +41,9 @@ from .selection import (dead_channel_counts, dead_weights_hidden, live_head_rati
                         live_importance)
 from .checkpoint import load_pruner_state, pruner_state
 from .checks import check_decay, check_model, check_ratios, trace_error, warn_output_pruned
-from .attention import (attention_modules, group_units, head_layers, kv_layers_to_skip,
-                        sync_attention_attributes, sync_model_attributes)
+from .attention import (attention_modules, group_units, head_dim_units, head_layers,
+                        heads_and_dims, kv_layers_to_skip, sync_attention_attributes,
+                        sync_model_attributes, whole_units)
 
 __all__ = ["DecayPrunerMixin", "decay_pruner", "DecayMetaPruner", "DecayGroupNormPruner",
            "DecayBNScalePruner", "DecayGroup", "UnsupportedGroupError"]
@@ -110,15 +111,11 @@ class DecayPrunerMixin:
         self._units: dict[str, torch.Tensor] = {}   # engine name -> root indices [M, u]
         self._slices: dict[str, list] = {}          # engine name -> its engine slices
         self._head_groups: dict = {}                # qkv layer -> engine name (heads)
+        self._dims_of: dict[str, str] = {}          # heads group -> its head-dims group
+        self._pair_of: dict[str, str] = {}          # head-dims group -> its heads group
         self._tensor_sets: dict[frozenset, str] = {}
         self._heads: dict = dict(self.num_heads)     # physical head counts per qkv layer
         self._attention = attention_modules(self.model, self.num_heads)
-        if self.num_heads and self.prune_num_heads and self.prune_head_dims:
-            raise NotImplementedError(
-                f"{type(self).__name__}: prune_num_heads=True together with "
-                f"prune_head_dims=True is not supported by the decay pruners (a head and a "
-                f"head dim overlap, so they cannot both be one DPM channel); choose one, as "
-                f"Torch-Pruning's examples do (prune_num_heads=True, prune_head_dims=False)")
         self._removed_cbs: list[Callable] = []
         self.removed: dict[str, int] = {}
         self.removals = 0
@@ -148,7 +145,8 @@ class DecayPrunerMixin:
     def _layout_of(self, group, name: str) -> tuple:
         """``(layout, units, skipped layers)`` of a full group as DPM channels."""
         skip = kv_layers_to_skip(self, group)
-        units = group_units(self, group, root_size(self.DG, group))
+        unit_fn = head_dim_units if name in self._pair_of else group_units
+        units = unit_fn(self, group, root_size(self.DG, group))
         drop_items(group, skip)
         return group_layout(self.DG, group, name, self._probe_cache, units), units, skip
 
@@ -216,7 +214,27 @@ class DecayPrunerMixin:
         self._tensor_sets[tensors] = name
         for layer in head_layers(self, group):
             self._head_groups[layer] = name
+        if heads_and_dims(self, group):
+            self._register_head_dims(name, group)
         return name
+
+    def _register_head_dims(self, name: str, group) -> None:
+        """The head-dims engine group of an attention group pruned by heads and head dims
+        (:func:`dpm_depgraph.attention.heads_and_dims`)."""
+        if kv_layers_to_skip(self, group):
+            raise NotImplementedError(
+                f"{type(self).__name__}: prune_num_heads=True with prune_head_dims=True on "
+                f"grouped-query attention ({name!r}) is not supported by the decay pruners; "
+                f"use prune_head_dims=False, as Torch-Pruning's LLM example does")
+        dims = f"{name}:dims"
+        self._pair_of[dims] = name
+        self._dims_of[name] = dims
+        layout, units, _ = self._layout_of(group, dims)
+        self.engine.add_group(dims, layout.slices)
+        self._roots[dims] = self._roots[name]
+        self._coverage[dims] = layout.coverage
+        self._units[dims] = units
+        self._slices[dims] = layout.slices
 
     def _name_of(self, group) -> str | None:
         return self._root_names.get(self._key(group))
@@ -346,6 +364,7 @@ class DecayPrunerMixin:
                 else:
                     group = next(gen)
             except StopIteration:
+                self._sync_heads()   # Torch-Pruning lowered them at selection
                 return
             finally:
                 self._in_selection = False
@@ -361,6 +380,8 @@ class DecayPrunerMixin:
         chans = list(group[0].idxs) if idxs is None else list(idxs)
         if not chans:
             return torch.zeros(0, dtype=torch.long)
+        if name in self._dims_of:
+            return self._start_heads_and_dims_decay(name, chans)
         units = self._units[name]
         picked = torch.zeros(units.numel(), dtype=torch.bool)
         picked[torch.as_tensor(chans, dtype=torch.int64)] = True
@@ -371,6 +392,46 @@ class DecayPrunerMixin:
                 f"group {name!r}: the selection splits a unit that Torch-Pruning removes "
                 f"together (a head or a channel group); please report this model")
         return self.engine.mark(name, whole.nonzero().squeeze(1))   # skips decaying / zeroed
+
+    def _start_heads_and_dims_decay(self, name: str, chans: list) -> torch.Tensor:
+        """Torch-Pruning's selection of an attention group pruned by heads and head dims
+        is the union of whole heads and whole head-dim positions (across all heads): the
+        former decay in the heads group, the latter in its head-dims group."""
+        dims = self._dims_of[name]
+        heads_u, dims_u = self._units[name], self._units[dims]
+        picked = torch.zeros(heads_u.numel(), dtype=torch.bool)
+        picked[torch.as_tensor(chans, dtype=torch.int64)] = True
+        heads, hdims = whole_units(heads_u, chans), whole_units(dims_u, chans)
+        covered = torch.zeros_like(picked)
+        covered[heads_u[heads].reshape(-1)] = True
+        covered[dims_u[hdims].reshape(-1)] = True
+        if not torch.equal(covered, picked):
+            raise RuntimeError(
+                f"group {name!r}: the selection is not a union of whole heads and whole head "
+                f"dims; please report this model")
+        self.engine.mark(dims, hdims.nonzero().squeeze(1))
+        return self.engine.mark(name, heads.nonzero().squeeze(1))
+
+    def _finish_heads_and_dims(self) -> None:
+        """Heads and head dims still decaying at a pruning step are zeroed now.
+
+        Torch-Pruning ranks heads by their mean over the head dims and head dims by their
+        mean over the heads, both from one importance vector; a head still in the model
+        cannot both rank first among the heads and be left out of the head dims' means
+        (nor a head dim the other way round), so the selection is exact only on a model
+        without them. Run at least ``decay.steps`` optimizer steps between pruning steps
+        to let them decay fully."""
+        late = [n for pair in self._dims_of.items() for n in pair
+                if bool(self.engine.is_decaying(n).any())]
+        if not late:
+            return
+        warnings.warn(
+            f"{type(self).__name__}.step(): with prune_num_heads and prune_head_dims, the heads "
+            f"and head dims still decaying at a pruning step are zeroed now ({late[:3]}); run "
+            f"at least decay.steps={self.decay.steps} optimizer steps between pruning steps "
+            f"to let them decay smoothly", RuntimeWarning, stacklevel=3)
+        for n in late:
+            self.engine.zero_now(n)
 
     # ------------------------------------------------------------------ step
     def step(self, interactive: bool = False):
@@ -387,6 +448,7 @@ class DecayPrunerMixin:
                 "pruner.attach(new_optimizer) (the decay runs in the attached optimizer's step; "
                 "with the decay pruners there is no need to rebuild it after pruning)",
                 RuntimeWarning, stacklevel=2)
+        self._finish_heads_and_dims()
         self._remove(force=False)
         self._last_step_at = self.engine.step_count
         self.current_step += 1
@@ -420,8 +482,9 @@ class DecayPrunerMixin:
         multiple of ``round_to`` root channels (as Torch-Pruning's selection does); the
         rest stay in the model at exactly zero until more of the group is zeroed
         (Self-Rectifying may have released part of a selection)."""
-        if not self.round_to or zeroed.numel() == 0:
-            return zeroed
+        if not self.round_to or zeroed.numel() == 0 or name in self._dims_of \
+                or name in self._pair_of:
+            return zeroed   # heads with head dims: nothing zeroed may stay (see step())
         units = self._units[name]
         m, u = units.shape
         keep_roots = -(-((m - zeroed.numel()) * u) // self.round_to) * self.round_to
@@ -431,7 +494,8 @@ class DecayPrunerMixin:
         return zeroed[:max(n, 0)]
 
     def _after_removal(self, name: str, group_before, n_units: int) -> None:
-        """Head bookkeeping when ``n_units`` whole heads of group ``name`` were removed."""
+        """Head bookkeeping when ``n_units`` whole heads of group ``name`` were removed
+        (a head-dims removal removes no head)."""
         qkv = head_layers(self, group_before)
         if not (qkv and self.prune_num_heads):
             return
@@ -449,20 +513,25 @@ class DecayPrunerMixin:
         if not plan:
             return {}
         replaced = []
+        removal: dict = {}   # root group -> its root indices to remove
         for name, chans in plan.items():
-            module, fn = self._roots[name]
             units = self._units[name]
             if chans.numel() >= units.shape[0]:
                 raise RuntimeError(f"group {name!r}: every channel is zeroed; refusing to remove "
                                    f"the whole layer (use ignored_layers or a lower pruning "
                                    f"ratio)")
+            # a head-dims group's positions go in one removal with its heads group's
+            removal.setdefault(self._pair_of.get(name, name), []).append(units[chans].reshape(-1))
+            self.removed[name] = self.removed.get(name, 0) + int(chans.numel())
+        for name, parts in removal.items():
+            module, fn = self._roots[name]
             full = self._full_group(module, fn)
             skip = kv_layers_to_skip(self, full)
-            roots = units[chans].reshape(-1).sort().values.tolist()
+            roots = torch.cat(parts).unique().tolist()
+            heads = int(whole_units(self._units[name], roots).sum())
             replaced += apply_removal(self.DG, self.model, module, fn, roots,
                                       self.optimizer, self._probe_cache, skip=skip)
-            self._after_removal(name, full, int(chans.numel()))
-            self.removed[name] = self.removed.get(name, 0) + int(chans.numel())
+            self._after_removal(name, full, heads)
         self._sync_heads()
         sync_attention_attributes(self._attention, self._heads)
         sync_model_attributes(self.model)
