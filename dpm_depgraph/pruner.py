@@ -40,6 +40,7 @@ from ._slices import (GroupLayout, TorchPruningError, UnsupportedGroupError, app
 from .selection import (dead_channel_counts, dead_weights_hidden, live_head_ratio,
                         live_importance)
 from .checkpoint import load_pruner_state, pruner_state
+from .live_view import attention_views, live_layers, live_views, physical_group, viewable
 from .checks import check_decay, check_model, check_ratios, trace_error, warn_output_pruned
 from .attention import (attention_modules, group_units, head_dim_units, head_layers,
                         heads_and_dims, kv_layers_to_skip, sync_attention_attributes,
@@ -112,6 +113,7 @@ class DecayPrunerMixin:
         self._slices: dict[str, list] = {}          # engine name -> its engine slices
         self._head_groups: dict = {}                # qkv layer -> engine name (heads)
         self._dims_of: dict[str, str] = {}          # heads group -> its head-dims group
+        self._views: dict = {}                      # live views during a selection
         self._pair_of: dict[str, str] = {}          # head-dims group -> its heads group
         self._tensor_sets: dict[frozenset, str] = {}
         self._heads: dict = dict(self.num_heads)     # physical head counts per qkv layer
@@ -347,28 +349,28 @@ class DecayPrunerMixin:
             return ratio
         return live_head_ratio(self, module, ratio)
 
+    def _is_atten_group(self, group):
+        is_attn, layers = super()._is_atten_group(group)
+        if getattr(self, "_views", None):    # (also called by the base constructor)
+            layers = live_layers(self, layers)   # live widths for head_dim arithmetic
+        return is_attn, layers
+
     def _prune(self):
         self._sync_heads()
         self._dead_counts = self._live_dead_counts()
-        gen = super()._prune()
-        first = True
-        while True:
-            self._in_selection = True
-            try:
-                if first:
-                    # every importance is computed before the first group is yielded:
-                    # with the dead channels' weights reading 0, as if removed
-                    with dead_weights_hidden(self):
-                        group = next(gen)
-                    first = False
-                else:
-                    group = next(gen)
-            except StopIteration:
-                self._sync_heads()   # Torch-Pruning lowered them at selection
-                return
-            finally:
-                self._in_selection = False
-            yield group
+        views = attention_views(self)
+        # Torch-Pruning's selection runs to its end before any group is marked (marking
+        # changes nothing it reads): the dead channels' weights read 0 and attention
+        # groups with dead heads are seen as Torch-Pruning would hold them
+        self._in_selection = True
+        try:
+            with dead_weights_hidden(self), live_views(self, views):
+                groups = list(super()._prune())
+        finally:
+            self._in_selection = False
+            self._sync_heads()   # Torch-Pruning lowered them at selection
+        for group in groups:
+            yield physical_group(self, group, views)
 
     def _start_decay(self, group, idxs=None) -> torch.Tensor:
         name = self._name_of(group)
@@ -401,7 +403,12 @@ class DecayPrunerMixin:
         heads_u, dims_u = self._units[name], self._units[dims]
         picked = torch.zeros(heads_u.numel(), dtype=torch.bool)
         picked[torch.as_tensor(chans, dtype=torch.int64)] = True
-        heads, hdims = whole_units(heads_u, chans), whole_units(dims_u, chans)
+        # decaying / zeroed heads and head dims count as picked (they are gone for
+        # Torch-Pruning's selection; engine.mark skips them)
+        picked |= self._roots_of_units(name, self._dead(name))
+        picked |= self._roots_of_units(dims, self._dead(dims))
+        roots = picked.nonzero().squeeze(1)
+        heads, hdims = whole_units(heads_u, roots), whole_units(dims_u, roots)
         covered = torch.zeros_like(picked)
         covered[heads_u[heads].reshape(-1)] = True
         covered[dims_u[hdims].reshape(-1)] = True
@@ -421,8 +428,8 @@ class DecayPrunerMixin:
         (nor a head dim the other way round), so the selection is exact only on a model
         without them. Run at least ``decay.steps`` optimizer steps between pruning steps
         to let them decay fully."""
-        late = [n for pair in self._dims_of.items() for n in pair
-                if bool(self.engine.is_decaying(n).any())]
+        late = [n for pair in self._dims_of.items() if viewable(self, pair[0]) is None
+                for n in pair if bool(self.engine.is_decaying(n).any())]
         if not late:
             return
         warnings.warn(

@@ -50,10 +50,14 @@ def live_importance(pruner, group, imp: torch.Tensor,
     name = pruner._name_of(group)
     if name is None:
         return imp
+    view = pruner._views.get(name)
     dead = pruner._dead(name)
-    if not bool(dead.any()):
+    if view is None and not bool(dead.any()):
         return imp
     dead = pruner._roots_of_units(name, dead)
+    if view is not None:   # an attention group seen without its dead heads / head dims
+        dead = torch.ones(dead.numel(), dtype=torch.bool)
+        dead[view.live] = False
     if dead.numel() != imp.numel():
         return imp
     dead = dead.to(imp.device)
@@ -68,9 +72,13 @@ def live_importance(pruner, group, imp: torch.Tensor,
         finally:
             scorer.normalizer = norm
         live_imp = scorer._normalize(raw[~dead].float(), norm)
+        if view is not None:
+            return live_imp
         imp = torch.empty_like(raw, dtype=torch.float32)
         imp[~dead] = live_imp
     else:
+        if view is not None:
+            return imp[~dead].float()
         imp = imp.clone().float()
     # -inf: the base pruner's top-k takes them first, so they fill their share of the
     # step's target; _start_decay skips them (they are decaying or zeroed already).
@@ -126,8 +134,8 @@ def live_head_ratio(pruner, layer, ratio: float) -> float:
     its target is fixed against the initial head count.
     """
     name = pruner._head_groups.get(layer)
-    if ratio <= 0 or name is None or not pruner.prune_num_heads:
-        return ratio
+    if ratio <= 0 or name is None or not pruner.prune_num_heads or name in pruner._views:
+        return ratio   # (a view shows Torch-Pruning the live heads only)
     dead = int(pruner._dead(name).sum())
     if dead == 0:
         return ratio

@@ -131,3 +131,61 @@ def test_checkpoint_replays_heads_and_head_dims_removals():
     assert [a.num_heads for a in other_attns] == [a.num_heads for a in attns]
     assert list(other.num_heads.values()) == list(pruner.num_heads.values()) == [3, 3]
     assert torch.equal(fam.loss(model0, x), fam.loss(model, x))
+
+
+def _vit8():
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=8, embed_dim=64, depth=2, num_heads=8,
+                             mlp_ratio=1.0, num_classes=5)
+
+
+def _vit8_kwargs(model, prune_head_dims):
+    from timm.models.vision_transformer import Attention
+    return dict(ignored_layers=[model.head], global_pruning=True, round_to=2,
+                num_heads={m.qkv: m.num_heads for m in model.modules() if isinstance(m, Attention)},
+                prune_num_heads=True, prune_head_dims=prune_head_dims, head_pruning_ratio=0.6)
+
+
+@pytest.mark.parametrize("prune_head_dims", [False, True], ids=["heads", "heads+dims"])
+def test_global_pruning_with_heads_still_decaying_ends_at_plain_shapes(prune_head_dims):
+    """Global ranking, whole heads (and head dims), one optimizer step between pruning steps
+    with decay.steps=3: heads are still decaying at the next selection. Torch-Pruning ranks
+    heads and head dims (and, globally, the attention group's dims against every other
+    layer) from one importance vector; the attention group is shown to it without its
+    dead heads / head dims, so it ranks what it would on its own smaller model. lr = 0:
+    a global ranking compares weights, which must be the plain pruner's."""
+    pytest.importorskip("timm")
+    from depgraph_families import Family, _image, _plain_loss, _timm_fix, run_decay, run_plain
+    fam = Family("vit8", _vit8, _image(), lambda m: _vit8_kwargs(m, prune_head_dims),
+                 _plain_loss, _timm_fix)
+    model0, x = fam.build(), fam.inputs()
+    base = copy.deepcopy(model0)
+    run_plain(fam, base, x, steps=3)
+    model = copy.deepcopy(model0)
+    run_decay(fam, model, x, steps=3, between=1,
+              decay=DecayConfig(steps=3, self_rectify=False),
+              opt_cls=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    assert arch(model) == arch(base)
+    assert arch(model) != arch(model0)
+
+
+def test_heads_and_dims_without_a_live_view_are_zeroed_at_the_next_step(monkeypatch):
+    """Where an attention group cannot be shown live (layers other than Linear), heads and
+    head dims still decaying at a pruning step are zeroed then, with a warning, and the
+    selection still ends at the plain pruner's shapes."""
+    pytest.importorskip("timm")
+    import dpm_depgraph.live_view as live_view
+    import dpm_depgraph.pruner as pruner_mod
+    from depgraph_families import run_decay, run_plain
+    monkeypatch.setattr(live_view, "viewable", lambda pruner, name: None)
+    monkeypatch.setattr(pruner_mod, "viewable", lambda pruner, name: None)
+    fam = FAMILIES["timm_vit_heads_dims"]
+    model0, x = fam.build(), fam.inputs()
+    base = copy.deepcopy(model0)
+    run_plain(fam, base, x, steps=2)
+    model = copy.deepcopy(model0)
+    with pytest.warns(RuntimeWarning, match="zeroed now"):
+        run_decay(fam, model, x, steps=2, between=1,
+                  decay=DecayConfig(steps=3, self_rectify=False))
+    assert arch(model) == arch(base)
