@@ -10,10 +10,13 @@ sets (``_prune``):
   attention group re-rooted at the output projection (``head_dim`` ``d``);
 * otherwise, when the group has channel groups ``g > 1`` (``out_channel_groups`` /
   ``in_channel_groups``, grouped convolutions and GroupNorm found automatically,
-  ``num_heads`` merged in), the same in-group index from every group: ``{j + i*R/g}``.
+  ``num_heads`` merged in), the same in-group index from every group: ``{j + i*R/g}``;
+* with ``prune_num_heads=True`` and ``prune_head_dims=True``, the union of both: whole
+  heads and head dims ``j`` of every head (:func:`heads_and_dims`: two engine groups).
 
-Each such set is ONE DPM channel (:func:`group_units`), so Self-Rectifying releases a
-whole head / a whole channel set and never breaks a divisibility Torch-Pruning relies on.
+Each such set is ONE DPM channel (:func:`group_units`, :func:`head_dim_units`), so
+Self-Rectifying releases a whole head / a whole channel set and never breaks a
+divisibility Torch-Pruning relies on.
 
 Torch-Pruning's examples fix the attention modules' shape attributes after pruning by hand
 (``num_heads``, ``head_dim``, ...). A decay pruner removes inside ``step()``, so it does

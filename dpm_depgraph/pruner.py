@@ -40,7 +40,8 @@ from ._slices import (GroupLayout, TorchPruningError, UnsupportedGroupError, app
 from .selection import (dead_channel_counts, dead_weights_hidden, live_head_ratio,
                         live_importance)
 from .checkpoint import load_pruner_state, pruner_state
-from .live_view import attention_views, live_layers, live_views, physical_group, viewable
+from .live_view import attention_views, live_layers, live_views, physical_group
+from .heads_dims import finish_heads_and_dims, register_head_dims, start_heads_and_dims_decay
 from .checks import check_decay, check_model, check_ratios, trace_error, warn_output_pruned
 from .attention import (attention_modules, group_units, head_dim_units, head_layers,
                         heads_and_dims, kv_layers_to_skip, sync_attention_attributes,
@@ -217,26 +218,8 @@ class DecayPrunerMixin:
         for layer in head_layers(self, group):
             self._head_groups[layer] = name
         if heads_and_dims(self, group):
-            self._register_head_dims(name, group)
+            register_head_dims(self, name, group)
         return name
-
-    def _register_head_dims(self, name: str, group) -> None:
-        """The head-dims engine group of an attention group pruned by heads and head dims
-        (:func:`dpm_depgraph.attention.heads_and_dims`)."""
-        if kv_layers_to_skip(self, group):
-            raise NotImplementedError(
-                f"{type(self).__name__}: prune_num_heads=True with prune_head_dims=True on "
-                f"grouped-query attention ({name!r}) is not supported by the decay pruners; "
-                f"use prune_head_dims=False, as Torch-Pruning's LLM example does")
-        dims = f"{name}:dims"
-        self._pair_of[dims] = name
-        self._dims_of[name] = dims
-        layout, units, _ = self._layout_of(group, dims)
-        self.engine.add_group(dims, layout.slices)
-        self._roots[dims] = self._roots[name]
-        self._coverage[dims] = layout.coverage
-        self._units[dims] = units
-        self._slices[dims] = layout.slices
 
     def _name_of(self, group) -> str | None:
         return self._root_names.get(self._key(group))
@@ -383,7 +366,7 @@ class DecayPrunerMixin:
         if not chans:
             return torch.zeros(0, dtype=torch.long)
         if name in self._dims_of:
-            return self._start_heads_and_dims_decay(name, chans)
+            return start_heads_and_dims_decay(self, name, chans)
         units = self._units[name]
         picked = torch.zeros(units.numel(), dtype=torch.bool)
         picked[torch.as_tensor(chans, dtype=torch.int64)] = True
@@ -394,51 +377,6 @@ class DecayPrunerMixin:
                 f"group {name!r}: the selection splits a unit that Torch-Pruning removes "
                 f"together (a head or a channel group); please report this model")
         return self.engine.mark(name, whole.nonzero().squeeze(1))   # skips decaying / zeroed
-
-    def _start_heads_and_dims_decay(self, name: str, chans: list) -> torch.Tensor:
-        """Torch-Pruning's selection of an attention group pruned by heads and head dims
-        is the union of whole heads and whole head-dim positions (across all heads): the
-        former decay in the heads group, the latter in its head-dims group."""
-        dims = self._dims_of[name]
-        heads_u, dims_u = self._units[name], self._units[dims]
-        picked = torch.zeros(heads_u.numel(), dtype=torch.bool)
-        picked[torch.as_tensor(chans, dtype=torch.int64)] = True
-        # decaying / zeroed heads and head dims count as picked (they are gone for
-        # Torch-Pruning's selection; engine.mark skips them)
-        picked |= self._roots_of_units(name, self._dead(name))
-        picked |= self._roots_of_units(dims, self._dead(dims))
-        roots = picked.nonzero().squeeze(1)
-        heads, hdims = whole_units(heads_u, roots), whole_units(dims_u, roots)
-        covered = torch.zeros_like(picked)
-        covered[heads_u[heads].reshape(-1)] = True
-        covered[dims_u[hdims].reshape(-1)] = True
-        if not torch.equal(covered, picked):
-            raise RuntimeError(
-                f"group {name!r}: the selection is not a union of whole heads and whole head "
-                f"dims; please report this model")
-        self.engine.mark(dims, hdims.nonzero().squeeze(1))
-        return self.engine.mark(name, heads.nonzero().squeeze(1))
-
-    def _finish_heads_and_dims(self) -> None:
-        """Heads and head dims still decaying at a pruning step are zeroed now.
-
-        Torch-Pruning ranks heads by their mean over the head dims and head dims by their
-        mean over the heads, both from one importance vector; a head still in the model
-        cannot both rank first among the heads and be left out of the head dims' means
-        (nor a head dim the other way round), so the selection is exact only on a model
-        without them. Run at least ``decay.steps`` optimizer steps between pruning steps
-        to let them decay fully."""
-        late = [n for pair in self._dims_of.items() if viewable(self, pair[0]) is None
-                for n in pair if bool(self.engine.is_decaying(n).any())]
-        if not late:
-            return
-        warnings.warn(
-            f"{type(self).__name__}.step(): with prune_num_heads and prune_head_dims, the heads "
-            f"and head dims still decaying at a pruning step are zeroed now ({late[:3]}); run "
-            f"at least decay.steps={self.decay.steps} optimizer steps between pruning steps "
-            f"to let them decay smoothly", RuntimeWarning, stacklevel=3)
-        for n in late:
-            self.engine.zero_now(n)
 
     # ------------------------------------------------------------------ step
     def step(self, interactive: bool = False):
@@ -455,7 +393,7 @@ class DecayPrunerMixin:
                 "pruner.attach(new_optimizer) (the decay runs in the attached optimizer's step; "
                 "with the decay pruners there is no need to rebuild it after pruning)",
                 RuntimeWarning, stacklevel=2)
-        self._finish_heads_and_dims()
+        finish_heads_and_dims(self)
         self._remove(force=False)
         self._last_step_at = self.engine.step_count
         self.current_step += 1

@@ -176,10 +176,10 @@ def test_heads_and_dims_without_a_live_view_are_zeroed_at_the_next_step(monkeypa
     selection still ends at the plain pruner's shapes."""
     pytest.importorskip("timm")
     import dpm_depgraph.live_view as live_view
-    import dpm_depgraph.pruner as pruner_mod
+    import dpm_depgraph.heads_dims as heads_dims
     from depgraph_families import run_decay, run_plain
     monkeypatch.setattr(live_view, "viewable", lambda pruner, name: None)
-    monkeypatch.setattr(pruner_mod, "viewable", lambda pruner, name: None)
+    monkeypatch.setattr(heads_dims, "viewable", lambda pruner, name: None)
     fam = FAMILIES["timm_vit_heads_dims"]
     model0, x = fam.build(), fam.inputs()
     base = copy.deepcopy(model0)
