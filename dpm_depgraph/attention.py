@@ -10,10 +10,13 @@ sets (``_prune``):
   attention group re-rooted at the output projection (``head_dim`` ``d``);
 * otherwise, when the group has channel groups ``g > 1`` (``out_channel_groups`` /
   ``in_channel_groups``, grouped convolutions and GroupNorm found automatically,
-  ``num_heads`` merged in), the same in-group index from every group: ``{j + i*R/g}``.
+  ``num_heads`` merged in), the same in-group index from every group: ``{j + i*R/g}``;
+* with ``prune_num_heads=True`` and ``prune_head_dims=True``, the union of both: whole
+  heads and head dims ``j`` of every head (:func:`heads_and_dims`: two engine groups).
 
-Each such set is ONE DPM channel (:func:`group_units`), so Self-Rectifying releases a
-whole head / a whole channel set and never breaks a divisibility Torch-Pruning relies on.
+Each such set is ONE DPM channel (:func:`group_units`, :func:`head_dim_units`), so
+Self-Rectifying releases a whole head / a whole channel set and never breaks a
+divisibility Torch-Pruning relies on.
 
 Torch-Pruning's examples fix the attention modules' shape attributes after pruning by hand
 (``num_heads``, ``head_dim``, ...). A decay pruner removes inside ``step()``, so it does
@@ -26,8 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["AttentionInfo", "attention_modules", "group_units", "head_layers",
-           "sync_attention_attributes"]
+__all__ = ["AttentionInfo", "attention_modules", "group_units", "head_dim_units", "head_layers",
+           "heads_and_dims", "sync_attention_attributes", "whole_units"]
 
 # attribute name -> what it holds; set only where the module already has an int attribute
 _HEAD_COUNT = ("num_heads", "num_attention_heads")
@@ -62,6 +65,31 @@ def group_units(pruner, group, n_roots: int) -> torch.Tensor:
     if g > 1 and n_roots % g == 0:
         return torch.arange(n_roots).view(g, n_roots // g).t().contiguous()
     return torch.arange(n_roots).view(-1, 1)
+
+
+def heads_and_dims(pruner, group) -> bool:
+    """``prune_num_heads`` with ``prune_head_dims`` on an attention group: Torch-Pruning
+    removes whole heads AND the same head dims of every head in one step. A head and a
+    head dim overlap (one root index each), so they are two engine groups over the same
+    tensors: the group's own (one channel per head) and ``<name>:dims`` (one channel per
+    head dim position, across all heads; :func:`head_dim_units`)."""
+    return bool(pruner.prune_num_heads and pruner.prune_head_dims and head_layers(pruner, group))
+
+
+def head_dim_units(pruner, group, n_roots: int) -> torch.Tensor:
+    """``LongTensor [head_dim, heads]``: head dim ``j`` of every head, one DPM channel."""
+    heads = max(pruner.num_heads[m] for m in head_layers(pruner, group))
+    if heads < 1 or n_roots % heads:
+        raise ValueError(f"{n_roots} attention channels do not split into {heads} heads; "
+                         f"check num_heads")
+    return torch.arange(n_roots).view(heads, n_roots // heads).t().contiguous()
+
+
+def whole_units(units: torch.Tensor, roots) -> torch.Tensor:
+    """Bool ``[M]``: the units all of whose root indices are in ``roots``."""
+    picked = torch.zeros(units.numel(), dtype=torch.bool)
+    picked[torch.as_tensor(roots, dtype=torch.int64).reshape(-1)] = True
+    return picked[units].all(1)
 
 
 def kv_layers_to_skip(pruner, group) -> list:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import copy
 
-from ._slices import apply_removal
-from .attention import kv_layers_to_skip, sync_attention_attributes, sync_model_attributes
+from ._slices import apply_removal, root_size
+from .attention import (group_units, kv_layers_to_skip, sync_attention_attributes,
+                        sync_model_attributes, whole_units)
 
 __all__ = ["STATE_VERSION", "pruner_state", "load_pruner_state"]
 
@@ -44,11 +45,14 @@ def _replay_removals(pruner, history: list, names: list) -> None:
         layer_pruner = pruner.DG.get_pruner_of_module(module)
         fn = layer_pruner.prune_out_channels if is_out else layer_pruner.prune_in_channels
         full = pruner._full_group(module, fn)
+        name = pruner._root_names.get((id(module), bool(is_out)))
+        # whole heads among the removed root indices (a removal may also take head dims)
+        heads = 0 if name is None else int(whole_units(
+            group_units(pruner, full, root_size(pruner.DG, full)), list(idxs)).sum())
         apply_removal(pruner.DG, pruner.model, module, fn, list(idxs), pruner.optimizer,
                       pruner._probe_cache, skip=kv_layers_to_skip(pruner, full))
-        name = pruner._root_names.get((id(module), bool(is_out)))
         if name is not None:
-            pruner._after_removal(name, full, len(idxs) // pruner._units[name].shape[1])
+            pruner._after_removal(name, full, heads)
             pruner._sync_heads()
     sync_attention_attributes(pruner._attention, pruner._heads)
     sync_model_attributes(pruner.model)

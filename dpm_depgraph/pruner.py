@@ -37,11 +37,15 @@ from dpm_core.optim_utils import unwrap_optimizer
 from ._slices import (GroupLayout, TorchPruningError, UnsupportedGroupError, apply_removal,
                       drop_items,
                       group_layout, root_size)
-from .selection import dead_channel_counts, live_importance
+from .selection import (dead_channel_counts, dead_weights_hidden, live_head_ratio,
+                        live_importance)
 from .checkpoint import load_pruner_state, pruner_state
+from .live_view import attention_views, live_layers, live_views, physical_group
+from .heads_dims import finish_heads_and_dims, register_head_dims, start_heads_and_dims_decay
 from .checks import check_decay, check_model, check_ratios, trace_error, warn_output_pruned
-from .attention import (attention_modules, group_units, head_layers, kv_layers_to_skip,
-                        sync_attention_attributes, sync_model_attributes)
+from .attention import (attention_modules, group_units, head_dim_units, head_layers,
+                        heads_and_dims, kv_layers_to_skip, sync_attention_attributes,
+                        sync_model_attributes, whole_units)
 
 __all__ = ["DecayPrunerMixin", "decay_pruner", "DecayMetaPruner", "DecayGroupNormPruner",
            "DecayBNScalePruner", "DecayGroup", "UnsupportedGroupError"]
@@ -107,15 +111,14 @@ class DecayPrunerMixin:
         self._root_names: dict[tuple, str] = {} # (id(root module), is_out) -> engine name
         self._coverage: dict[str, list] = {}
         self._units: dict[str, torch.Tensor] = {}   # engine name -> root indices [M, u]
+        self._slices: dict[str, list] = {}          # engine name -> its engine slices
+        self._head_groups: dict = {}                # qkv layer -> engine name (heads)
+        self._dims_of: dict[str, str] = {}          # heads group -> its head-dims group
+        self._views: dict = {}                      # live views during a selection
+        self._pair_of: dict[str, str] = {}          # head-dims group -> its heads group
         self._tensor_sets: dict[frozenset, str] = {}
         self._heads: dict = dict(self.num_heads)     # physical head counts per qkv layer
         self._attention = attention_modules(self.model, self.num_heads)
-        if self.num_heads and self.prune_num_heads and self.prune_head_dims:
-            raise NotImplementedError(
-                f"{type(self).__name__}: prune_num_heads=True together with "
-                f"prune_head_dims=True is not supported by the decay pruners (a head and a "
-                f"head dim overlap, so they cannot both be one DPM channel); choose one, as "
-                f"Torch-Pruning's examples do (prune_num_heads=True, prune_head_dims=False)")
         self._removed_cbs: list[Callable] = []
         self.removed: dict[str, int] = {}
         self.removals = 0
@@ -145,7 +148,8 @@ class DecayPrunerMixin:
     def _layout_of(self, group, name: str) -> tuple:
         """``(layout, units, skipped layers)`` of a full group as DPM channels."""
         skip = kv_layers_to_skip(self, group)
-        units = group_units(self, group, root_size(self.DG, group))
+        unit_fn = head_dim_units if name in self._pair_of else group_units
+        units = unit_fn(self, group, root_size(self.DG, group))
         drop_items(group, skip)
         return group_layout(self.DG, group, name, self._probe_cache, units), units, skip
 
@@ -153,6 +157,7 @@ class DecayPrunerMixin:
         module, fn = self._roots[name]
         layout, units, _ = self._layout_of(self._full_group(module, fn), name)
         self._units[name] = units
+        self._slices[name] = layout.slices
         return layout
 
     def _register_groups(self) -> None:
@@ -208,7 +213,12 @@ class DecayPrunerMixin:
         self._root_names[key] = name
         self._coverage[name] = layout.coverage
         self._units[name] = units
+        self._slices[name] = layout.slices
         self._tensor_sets[tensors] = name
+        for layer in head_layers(self, group):
+            self._head_groups[layer] = name
+        if heads_and_dims(self, group):
+            register_head_dims(self, name, group)
         return name
 
     def _name_of(self, group) -> str | None:
@@ -316,19 +326,34 @@ class DecayPrunerMixin:
             return imp
         return live_importance(self, group, imp, super().estimate_importance)
 
+    def get_target_head_pruning_ratio(self, module) -> float:
+        ratio = super().get_target_head_pruning_ratio(module)
+        if not self._in_selection:
+            return ratio
+        return live_head_ratio(self, module, ratio)
+
+    def _is_atten_group(self, group):
+        is_attn, layers = super()._is_atten_group(group)
+        if getattr(self, "_views", None):    # (also called by the base constructor)
+            layers = live_layers(self, layers)   # live widths for head_dim arithmetic
+        return is_attn, layers
+
     def _prune(self):
         self._sync_heads()
         self._dead_counts = self._live_dead_counts()
-        gen = super()._prune()
-        while True:
-            self._in_selection = True
-            try:
-                group = next(gen)
-            except StopIteration:
-                return
-            finally:
-                self._in_selection = False
-            yield group
+        views = attention_views(self)
+        # Torch-Pruning's selection runs to its end before any group is marked (marking
+        # changes nothing it reads): the dead channels' weights read 0 and attention
+        # groups with dead heads are seen as Torch-Pruning would hold them
+        self._in_selection = True
+        try:
+            with dead_weights_hidden(self), live_views(self, views):
+                groups = list(super()._prune())
+        finally:
+            self._in_selection = False
+            self._sync_heads()   # Torch-Pruning lowered them at selection
+        for group in groups:
+            yield physical_group(self, group, views)
 
     def _start_decay(self, group, idxs=None) -> torch.Tensor:
         name = self._name_of(group)
@@ -340,6 +365,8 @@ class DecayPrunerMixin:
         chans = list(group[0].idxs) if idxs is None else list(idxs)
         if not chans:
             return torch.zeros(0, dtype=torch.long)
+        if name in self._dims_of:
+            return start_heads_and_dims_decay(self, name, chans)
         units = self._units[name]
         picked = torch.zeros(units.numel(), dtype=torch.bool)
         picked[torch.as_tensor(chans, dtype=torch.int64)] = True
@@ -366,6 +393,7 @@ class DecayPrunerMixin:
                 "pruner.attach(new_optimizer) (the decay runs in the attached optimizer's step; "
                 "with the decay pruners there is no need to rebuild it after pruning)",
                 RuntimeWarning, stacklevel=2)
+        finish_heads_and_dims(self)
         self._remove(force=False)
         self._last_step_at = self.engine.step_count
         self.current_step += 1
@@ -399,8 +427,9 @@ class DecayPrunerMixin:
         multiple of ``round_to`` root channels (as Torch-Pruning's selection does); the
         rest stay in the model at exactly zero until more of the group is zeroed
         (Self-Rectifying may have released part of a selection)."""
-        if not self.round_to or zeroed.numel() == 0:
-            return zeroed
+        if not self.round_to or zeroed.numel() == 0 or name in self._dims_of \
+                or name in self._pair_of:
+            return zeroed   # heads with head dims: nothing zeroed may stay (see step())
         units = self._units[name]
         m, u = units.shape
         keep_roots = -(-((m - zeroed.numel()) * u) // self.round_to) * self.round_to
@@ -410,7 +439,8 @@ class DecayPrunerMixin:
         return zeroed[:max(n, 0)]
 
     def _after_removal(self, name: str, group_before, n_units: int) -> None:
-        """Head bookkeeping when ``n_units`` whole heads of group ``name`` were removed."""
+        """Head bookkeeping when ``n_units`` whole heads of group ``name`` were removed
+        (a head-dims removal removes no head)."""
         qkv = head_layers(self, group_before)
         if not (qkv and self.prune_num_heads):
             return
@@ -428,20 +458,25 @@ class DecayPrunerMixin:
         if not plan:
             return {}
         replaced = []
+        removal: dict = {}   # root group -> its root indices to remove
         for name, chans in plan.items():
-            module, fn = self._roots[name]
             units = self._units[name]
             if chans.numel() >= units.shape[0]:
                 raise RuntimeError(f"group {name!r}: every channel is zeroed; refusing to remove "
                                    f"the whole layer (use ignored_layers or a lower pruning "
                                    f"ratio)")
+            # a head-dims group's positions go in one removal with its heads group's
+            removal.setdefault(self._pair_of.get(name, name), []).append(units[chans].reshape(-1))
+            self.removed[name] = self.removed.get(name, 0) + int(chans.numel())
+        for name, parts in removal.items():
+            module, fn = self._roots[name]
             full = self._full_group(module, fn)
             skip = kv_layers_to_skip(self, full)
-            roots = units[chans].reshape(-1).sort().values.tolist()
+            roots = torch.cat(parts).unique().tolist()
+            heads = int(whole_units(self._units[name], roots).sum())
             replaced += apply_removal(self.DG, self.model, module, fn, roots,
                                       self.optimizer, self._probe_cache, skip=skip)
-            self._after_removal(name, full, int(chans.numel()))
-            self.removed[name] = self.removed.get(name, 0) + int(chans.numel())
+            self._after_removal(name, full, heads)
         self._sync_heads()
         sync_attention_attributes(self._attention, self._heads)
         sync_model_attributes(self.model)

@@ -117,14 +117,23 @@ def _timm_vit():
                              mlp_ratio=2.0, num_classes=5)
 
 
-def _timm_kwargs(prune_num_heads):
+def _timm_kwargs(prune_num_heads, prune_head_dims=None):
     def kwargs(model):   # examples/transformers/prune_timm_vit.py
         from timm.models.vision_transformer import Attention
         num_heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, Attention)}
+        dims = not prune_num_heads if prune_head_dims is None else prune_head_dims
         return dict(ignored_layers=[model.head], num_heads=num_heads,
-                    prune_num_heads=prune_num_heads, prune_head_dims=not prune_num_heads,
+                    prune_num_heads=prune_num_heads, prune_head_dims=dims,
                     head_pruning_ratio=0.5, round_to=2)
     return kwargs
+
+
+def _both(kwargs):
+    """The example's arguments with whole heads AND head dims pruned."""
+    def both(model):
+        return dict(kwargs(model), prune_num_heads=True, prune_head_dims=True,
+                    head_pruning_ratio=0.5)
+    return both
 
 
 def _timm_fix(model, pruner):
@@ -217,6 +226,10 @@ FAMILIES = {
                        _timm_fix, "timm"),
     "timm_vit_heads": Family("timm_vit_heads", _timm_vit, _image(), _timm_kwargs(True),
                              _plain_loss, _timm_fix, "timm"),
+    "timm_vit_heads_dims": Family("timm_vit_heads_dims", _timm_vit, _image(),
+                                  _timm_kwargs(True, True), _plain_loss, _timm_fix, "timm"),
+    "hf_vit_heads_dims": Family("hf_vit_heads_dims", _vit, _image(), _both(_vit_kwargs),
+                                _hf_loss, _hf_fix, "transformers"),
     "tv_vit": Family("tv_vit", _tv_vit, _image(), _tv_vit_kwargs, _plain_loss, _tv_vit_fix),
     "resnext": Family("resnext", _resnext, _image(32), _classifier_kwargs("fc"), _plain_loss),
     "convnext": Family("convnext", _convnext, _image(32), _classifier_kwargs("classifier.2"),
@@ -247,9 +260,11 @@ def run_plain(fam, model, x, steps=2, ratio=0.5):
     return pruner
 
 
-def run_decay(fam, model, x, steps=2, ratio=0.5, decay=None, check=None, opt_cls=None):
-    """The decay pruner on the same arguments; one optimizer step between pruning steps;
-    ``check(model, pruner)`` after every optimizer step."""
+def run_decay(fam, model, x, steps=2, ratio=0.5, decay=None, check=None, opt_cls=None,
+              between=None):
+    """The decay pruner on the same arguments; ``between`` optimizer steps between pruning
+    steps (default ``decay.steps``: what was selected is zeroed by the next step; fewer:
+    it is still decaying); ``check(model, pruner)`` after every optimizer step."""
     from dpm_depgraph import DecayConfig, DecayMetaPruner
     kw = fam.kwargs(model)
     decay = decay or DecayConfig(steps=1, self_rectify=False)
@@ -270,7 +285,7 @@ def run_decay(fam, model, x, steps=2, ratio=0.5, decay=None, check=None, opt_cls
 
     for _ in range(steps):
         pruner.step()
-        train(decay.steps)
+        train(decay.steps if between is None else between)
     pruner.finalize(force=True)
     train(1)
     return pruner, opt

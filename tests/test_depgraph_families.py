@@ -58,8 +58,28 @@ def test_same_shapes_as_plain_torch_pruning(name):
     _runs(fam, model, x)
 
 
-@pytest.mark.parametrize("name", _params(["hf_llama_gqa", "timm_vit_heads", "tv_vit",
-                                          "resnext", "regnet"], SLOW_SR))
+@pytest.mark.parametrize("iterative,decay_steps,between", [(3, 1, 1), (2, 3, 1), (3, 3, 2)])
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n not in SLOW])   # LLaMA: not run here
+def test_same_shapes_as_plain_torch_pruning_at_any_decay_length(name, iterative, decay_steps,
+                                                                between):
+    """Self-Rectifying off, any decay length, fewer optimizer steps between pruning steps
+    than the decay takes: what still decays at a pruning step counts as removed (heads
+    too: Torch-Pruning's local head count compounds over the heads left), so the final
+    architecture is the plain pruner's."""
+    fam = _family(name)
+    model0 = fam.build()
+    x = fam.inputs()
+    base = copy.deepcopy(model0)
+    run_plain(fam, base, x, steps=iterative)
+    model = copy.deepcopy(model0)
+    run_decay(fam, model, x, steps=iterative, between=between,
+              decay=DecayConfig(steps=decay_steps, self_rectify=False))
+    assert arch(model) == arch(base)
+    _runs(fam, model, x)
+
+
+@pytest.mark.parametrize("name", _params(["hf_llama_gqa", "timm_vit_heads", "timm_vit_heads_dims",
+                                          "tv_vit", "resnext", "regnet"], SLOW_SR))
 def test_self_rectifying_releases_whole_units_and_the_model_stays_valid(name):
     """Self-Rectifying with thresholds that release part of what is selected: the model
     has valid shapes and runs after every optimizer step, and at the end."""

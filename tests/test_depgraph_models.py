@@ -91,3 +91,41 @@ def test_same_architecture_as_base_pruner_and_smaller(name):
     _train(model, opt, 1)
     for p in model.parameters():
         assert opt.state[p]["momentum_buffer"].shape == p.shape
+
+
+@pytest.mark.parametrize("opts,lr", [
+    (dict(global_pruning=False), 0.01),
+    (dict(global_pruning=True), 0.0),
+    (dict(global_pruning=True, round_to=4, importance=tp.importance.MagnitudeImportance()), 0.0),
+])
+def test_same_architecture_as_base_pruner_while_channels_still_decay(opts, lr):
+    """decay.steps=3 with one optimizer step between pruning steps: at each pruning step
+    the channels selected before are still decaying (partly shrunk, not zero). They count
+    as removed, and the importances are computed with their weights reading 0 (a filter's
+    input columns owned by a decaying channel of the previous layer are gone in the
+    smaller model Torch-Pruning holds), so local and global selections end at the plain
+    pruner's architecture. Global pruning ranks weights across layers, so the weights
+    must be the plain pruner's: lr = 0 there (only the decay moves them)."""
+    torch.manual_seed(0)
+    model0 = get_model("resnet56", width=0.25)
+    kw = dict(importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5,
+              iterative_steps=3)
+    kw.update(opts)
+    base_model = copy.deepcopy(model0)
+    base = tp.pruner.MetaPruner(base_model, X[:1], ignored_layers=[base_model.fc], **kw)
+    for _ in range(3):
+        base.step()
+    model = copy.deepcopy(model0)
+    pruner = DecayMetaPruner(model, X[:1], ignored_layers=[model.fc],
+                             decay=DecayConfig(steps=3, self_rectify=False), **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    pruner.attach(opt)
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        pruner.step()             # nothing is zero yet: nothing removed, weights untouched
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        assert pruner.engine.any_decaying()
+        _train(model, opt, 1)
+    pruner.finalize(force=True)
+    assert _arch(model) == _arch(base_model)
+    assert _arch(model) != _arch(model0)
