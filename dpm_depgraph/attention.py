@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["AttentionInfo", "attention_modules", "group_units", "head_layers",
+__all__ = ["AttentionInfo", "attention_modules", "equal_heads_per_kv_head", "group_units",
+           "head_layers",
            "sync_attention_attributes"]
 
 # attribute name -> what it holds; set only where the module already has an int attribute
@@ -74,6 +75,27 @@ def kv_layers_to_skip(pruner, group) -> list:
     if min(counts) == max(counts):
         return []
     return [m for m in qkv if pruner.num_heads[m] == min(counts)]
+
+
+def equal_heads_per_kv_head(pruner, group, zeroed: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention with ``prune_num_heads``: of the zeroed query heads
+    (``zeroed``: unit = head indices), those that can leave now. Query head ``i`` reads KV
+    head ``i // (q_heads / kv_heads)``, so every KV head must keep as many query heads as the
+    others (Torch-Pruning removes the same number from each). Self-Rectifying may release
+    heads of one KV head and not of another; the surplus zeroed heads stay in the model at
+    exactly zero until their KV heads catch up."""
+    skip = kv_layers_to_skip(pruner, group)
+    if not skip or zeroed.numel() == 0:
+        return zeroed
+    qkv = head_layers(pruner, group)
+    q_heads = max(pruner._heads[m] for m in qkv)
+    kv_heads = pruner._heads[skip[0]]
+    if kv_heads < 1 or q_heads % kv_heads:
+        return zeroed
+    kv_of = zeroed // (q_heads // kv_heads)
+    n = int(torch.bincount(kv_of, minlength=kv_heads).min())
+    keep = torch.cat([zeroed[kv_of == k][:n] for k in range(kv_heads)])   # at removal only
+    return keep.sort().values
 
 
 def attention_modules(model: nn.Module, num_heads: dict) -> list:

@@ -40,8 +40,10 @@ from ._slices import (GroupLayout, TorchPruningError, UnsupportedGroupError, app
 from .selection import dead_channel_counts, live_importance
 from .checkpoint import load_pruner_state, pruner_state
 from .checks import check_decay, check_model, check_ratios, trace_error, warn_output_pruned
+from .tp_compat import torch_pruning_fixes
 from .attention import (attention_modules, group_units, head_layers, kv_layers_to_skip,
                         sync_attention_attributes, sync_model_attributes)
+from .attention import equal_heads_per_kv_head
 
 __all__ = ["DecayPrunerMixin", "decay_pruner", "DecayMetaPruner", "DecayGroupNormPruner",
            "DecayBNScalePruner", "DecayGroup", "UnsupportedGroupError"]
@@ -89,7 +91,8 @@ class DecayPrunerMixin:
         check_model(owner, args, kwargs)
         check_ratios(owner, super().__init__, args, kwargs)
         try:
-            super().__init__(*args, **kwargs)
+            with torch_pruning_fixes():   # HF LLaMA's rotary embedding (tp_compat.py)
+                super().__init__(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
             err = trace_error(owner, e)
             if err is not None:
@@ -399,6 +402,8 @@ class DecayPrunerMixin:
         multiple of ``round_to`` root channels (as Torch-Pruning's selection does); the
         rest stay in the model at exactly zero until more of the group is zeroed
         (Self-Rectifying may have released part of a selection)."""
+        if self.prune_num_heads and self.num_heads and zeroed.numel():
+            zeroed = equal_heads_per_kv_head(self, self._full_group(*self._roots[name]), zeroed)
         if not self.round_to or zeroed.numel() == 0:
             return zeroed
         units = self._units[name]

@@ -26,13 +26,11 @@ def _family(name):
     return fam
 
 
-# Torch-Pruning 1.6.1's own grouping of the tiny LLaMA takes minutes on a loaded CPU
-# (inside tp.pruner.MetaPruner's constructor, before any decay pruner code runs).
-SLOW = {"hf_llama", "hf_llama_gqa"}
-SLOW_SR = SLOW | {"resnext"}   # regnet covers grouped convolutions with Self-Rectifying
+# ResNeXt with Self-Rectifying is slow on a loaded CPU; RegNet covers grouped convolutions
+SLOW_SR = {"resnext"}
 
 
-def _params(names, slow=SLOW):
+def _params(names, slow=frozenset()):
     return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in names]
 
 
