@@ -40,6 +40,7 @@ from ._slices import (GroupLayout, TorchPruningError, UnsupportedGroupError, app
 from .selection import dead_channel_counts, live_importance
 from .checkpoint import load_pruner_state, pruner_state
 from .checks import check_decay, check_model, check_ratios, trace_error, warn_output_pruned
+from .checks import check_gqa_group
 from .tp_compat import torch_pruning_fixes
 from .attention import (attention_modules, group_units, head_layers, kv_layers_to_skip,
                         sync_attention_attributes, sync_model_attributes)
@@ -164,6 +165,7 @@ class DecayPrunerMixin:
         for group in list(self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                                  root_module_types=self.root_module_types)):
             root = group[0].dep.target.module
+            check_gqa_group(self, group)
             if self._is_atten_group(group)[0]:
                 # Torch-Pruning selects attention groups re-rooted at the output projection
                 # (its input channels); register that group, so selections map to it.
