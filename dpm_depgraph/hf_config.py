@@ -29,6 +29,8 @@ hidden size (BERT's pooler) keeps its width while a rebuilt one follows ``hidden
 
 from __future__ import annotations
 
+import warnings
+
 import torch.nn as nn
 
 __all__ = ["sync_hf_config", "layer_config_values"]
@@ -70,10 +72,11 @@ def layer_config_values(model: nn.Module) -> dict:
     return seen
 
 
-def sync_hf_config(model: nn.Module) -> dict:
+def sync_hf_config(model: nn.Module, warned: set | None = None) -> dict:
     """Set the fields of ``model.config`` that the layers agree on and that differ from
     it. Returns ``{field: sorted distinct values}`` of the fields left because the layers
-    differ (empty when the config describes the model, or the model has no HF config)."""
+    differ (empty when the config describes the model, or the model has no HF config).
+    With ``warned`` (a set kept by the caller), warn once per such field."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return {}
@@ -86,4 +89,12 @@ def sync_hf_config(model: nn.Module) -> dict:
             differ[field] = distinct
         elif getattr(config, field) != distinct[0]:
             setattr(config, field, distinct[0])
+    for field, values in differ.items():
+        if warned is not None and field not in warned:
+            warned.add(field)
+            warnings.warn(
+                f"model.config.{field} was not updated: after this removal the layers have "
+                f"different values {values}, which one config field cannot describe; save the "
+                f"pruned model with torch.save(model) rather than save_pretrained, or prune "
+                f"uniformly (local pruning)", UserWarning, stacklevel=4)
     return differ

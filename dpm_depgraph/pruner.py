@@ -453,7 +453,7 @@ class DecayPrunerMixin:
         self._sync_heads()
         sync_attention_attributes(self._attention, self._heads)
         sync_model_attributes(self.model)
-        self._sync_config()
+        sync_hf_config(self.model, warned=self.__dict__.setdefault("_config_warned", set()))
         changed = {id(old) for old, _ in replaced}
         for name in list(self.engine.groups()):
             if name in plan:
@@ -469,20 +469,6 @@ class DecayPrunerMixin:
         for cb in self._removed_cbs:
             cb(self, plan)
         return plan
-
-    def _sync_config(self) -> None:
-        """``model.config`` (Hugging Face) follows the removal where all layers agree;
-        one warning per field where they do not (hf_config.py)."""
-        warned = self.__dict__.setdefault("_config_warned", set())
-        for field, values in sync_hf_config(self.model).items():
-            if field not in warned:
-                warned.add(field)
-                warnings.warn(
-                    f"model.config.{field} was not updated: after this removal the layers have "
-                    f"different values {values}, which one config field cannot describe; "
-                    f"save the pruned model with torch.save(model) rather than "
-                    f"save_pretrained, or prune uniformly (local pruning)", UserWarning,
-                    stacklevel=4)
 
     # ------------------------------------------------------------------ sparse learning
     def regularize(self, model, *args, **kwargs):

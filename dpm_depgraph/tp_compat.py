@@ -13,7 +13,8 @@ read as a channel concat it maps q_proj's output index ``i`` to ``i + C`` (``C``
 q_proj's width), and the cycle q_proj -> rotate_half -> ``q * cos + rotate_half(q) * sin``
 -> back to q_proj adds ``C`` on every lap, so ``DependencyGraph.get_pruning_group`` never
 reaches a fixed point: ``tp.pruner.MetaPruner(llama, ...)`` hangs in its constructor
-(Torch-Pruning issue #527 reports the same hang on Qwen3).
+(Torch-Pruning issue #527 reports a hang building the graph of Qwen3-8B, which has the
+same rotary embedding).
 
 The fix (:func:`resolve_negative_cat_dims`): where a concat's saved dim is such a wrapped
 negative number and its output has 4 or more dims, Torch-Pruning is shown the dim

@@ -74,6 +74,7 @@ def _heads(attn):
     return attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
 
 
+@pytest.mark.filterwarnings("ignore:model.config")   # layers may end with different heads
 def test_gqa_self_rectifying_keeps_equal_query_heads_per_kv_head():
     """Self-Rectifying releases single query heads; a removal takes the same number of
     zeroed heads from every KV head's set, so the layer stays a valid GQA layer (the rest
@@ -108,7 +109,7 @@ def test_config_describes_the_pruned_model(name, tmp_path):
     fam = FAMILIES[name]
     model, x = fam.build(), fam.inputs()
     before = model.config.to_dict()
-    run_decay(fam, model, x)
+    pruner, _ = run_decay(fam, model, x)
     changed = {k for k, v in model.config.to_dict().items() if before.get(k) != v}
     assert {"hidden_size", "intermediate_size"} <= changed
     if name.startswith("hf_llama"):
@@ -125,6 +126,21 @@ def test_config_describes_the_pruned_model(name, tmp_path):
         model.eval()
         with torch.no_grad():
             assert torch.allclose(loaded(x).logits, model(x).logits, atol=1e-5)
+        # resuming from the pruner's state_dict replays the removals: the config follows
+        fresh = fam.build()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            resumed = DecayMetaPruner(fresh, x, importance=tp.importance.GroupMagnitudeImportance(),
+                                      pruning_ratio=0.5, iterative_steps=2,
+                                      decay=DecayConfig(steps=1, self_rectify=False),
+                                      **fam.kwargs(fresh))
+        resumed.attach(torch.optim.SGD(fresh.parameters(), lr=0.01, momentum=0.9))
+        resumed.load_state_dict(pruner.state_dict())
+        assert arch(fresh) == arch(model)
+        fields = ("hidden_size", "intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "head_dim")
+        assert [getattr(fresh.config, f) for f in fields] == \
+            [getattr(model.config, f) for f in fields]
 
 
 def test_config_left_where_layers_differ():
