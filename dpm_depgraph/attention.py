@@ -84,13 +84,11 @@ def equal_heads_per_kv_head(pruner, group, zeroed: torch.Tensor) -> torch.Tensor
     others (Torch-Pruning removes the same number from each). Self-Rectifying may release
     heads of one KV head and not of another; the surplus zeroed heads stay in the model at
     exactly zero until their KV heads catch up."""
-    skip = kv_layers_to_skip(pruner, group)
-    if not skip or zeroed.numel() == 0:
+    heads = [pruner._heads[m] for m in head_layers(pruner, group)]   # physical counts
+    if not heads or zeroed.numel() == 0:
         return zeroed
-    qkv = head_layers(pruner, group)
-    q_heads = max(pruner._heads[m] for m in qkv)
-    kv_heads = pruner._heads[skip[0]]
-    if kv_heads < 1 or q_heads % kv_heads:
+    q_heads, kv_heads = max(heads), min(heads)
+    if kv_heads == q_heads or kv_heads < 1 or q_heads % kv_heads:
         return zeroed
     kv_of = zeroed // (q_heads // kv_heads)
     n = int(torch.bincount(kv_of, minlength=kv_heads).min())
