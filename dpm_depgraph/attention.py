@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["AttentionInfo", "attention_modules", "group_units", "head_dim_units", "head_layers",
-           "heads_and_dims", "sync_attention_attributes", "whole_units"]
+           "heads_and_dims", "sync_attention_attributes", "whole_units",
+           "equal_heads_per_kv_head"]
 
 # attribute name -> what it holds; set only where the module already has an int attribute
 _HEAD_COUNT = ("num_heads", "num_attention_heads")
@@ -102,6 +103,25 @@ def kv_layers_to_skip(pruner, group) -> list:
     if min(counts) == max(counts):
         return []
     return [m for m in qkv if pruner.num_heads[m] == min(counts)]
+
+
+def equal_heads_per_kv_head(pruner, group, zeroed: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention with ``prune_num_heads``: of the zeroed query heads
+    (``zeroed``: unit = head indices), those that can leave now. Query head ``i`` reads KV
+    head ``i // (q_heads / kv_heads)``, so every KV head must keep as many query heads as the
+    others (Torch-Pruning removes the same number from each). Self-Rectifying may release
+    heads of one KV head and not of another; the surplus zeroed heads stay in the model at
+    exactly zero until their KV heads catch up."""
+    heads = [pruner._heads[m] for m in head_layers(pruner, group)]   # physical counts
+    if not heads or zeroed.numel() == 0:
+        return zeroed
+    q_heads, kv_heads = max(heads), min(heads)
+    if kv_heads == q_heads or kv_heads < 1 or q_heads % kv_heads:
+        return zeroed
+    kv_of = zeroed // (q_heads // kv_heads)
+    n = int(torch.bincount(kv_of, minlength=kv_heads).min())
+    keep = torch.cat([zeroed[kv_of == k][:n] for k in range(kv_heads)])   # at removal only
+    return keep.sort().values
 
 
 def attention_modules(model: nn.Module, num_heads: dict) -> list:

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from dpm_core import DecayConfig
 
-__all__ = ["check_decay", "check_model", "check_ratios", "trace_error", "warn_output_pruned"]
+__all__ = ["check_decay", "check_gqa_group", "check_model", "check_ratios", "trace_error",
+           "warn_output_pruned"]
 
 # frames of Torch-Pruning's tracing: an exception raised under one of them means the model
 # could not be traced with the given example inputs
@@ -116,3 +117,28 @@ def warn_output_pruned(pruner, stacklevel: int = 3) -> None:
             f"with group {group!r}. Put it in ignored_layers (e.g. "
             f"ignored_layers=[model.get_submodule({layer!r})]) to keep the output size",
             UserWarning, stacklevel=stacklevel)
+
+
+def check_gqa_group(pruner, group) -> None:
+    """Grouped-query attention whose key/value projections the graph couples to the query
+    projection channel by channel (HF attention traced through ``sdpa`` with
+    ``enable_gqa``, no ``repeat_kv``): Torch-Pruning 1.6.1 then roots a group at k or v
+    that holds q and fails at its first ``step()`` (``shape '[H, -1]' is invalid``, its
+    issue #516). Say so at construction, before anything changes."""
+    heads = pruner.num_heads
+    root = group[0].dep.target.module
+    if not heads or root not in heads:
+        return
+    coupled = [dep.target.module for dep, _ in group
+               if pruner.DG.is_out_channel_pruning_fn(dep.handler) and dep.target.module in heads]
+    if any(heads[m] > heads[root] for m in coupled):
+        layer = pruner._root_name(root)
+        raise ValueError(
+            f"{type(pruner).__name__}: grouped-query attention at {layer!r}: the traced graph "
+            f"ties its {heads[root]} key/value heads to the query projection channel by "
+            f"channel (attention traced without repeat_kv, e.g. HF's sdpa with enable_gqa), "
+            f"and Torch-Pruning cannot prune that (plain Torch-Pruning fails at step() with "
+            f"\"shape '[H, -1]' is invalid\"). Build the model with eager attention "
+            f"(from_pretrained(..., attn_implementation='eager'), or "
+            f"config._attn_implementation = 'eager' before constructing it); the model was "
+            f"not changed")

@@ -46,6 +46,10 @@ from .checks import check_decay, check_model, check_ratios, trace_error, warn_ou
 from .attention import (attention_modules, group_units, head_dim_units, head_layers,
                         heads_and_dims, kv_layers_to_skip, sync_attention_attributes,
                         sync_model_attributes, whole_units)
+from .checks import check_gqa_group
+from .tp_compat import torch_pruning_fixes
+from .attention import equal_heads_per_kv_head
+from .hf_config import sync_hf_config
 
 __all__ = ["DecayPrunerMixin", "decay_pruner", "DecayMetaPruner", "DecayGroupNormPruner",
            "DecayBNScalePruner", "DecayGroup", "UnsupportedGroupError"]
@@ -93,7 +97,8 @@ class DecayPrunerMixin:
         check_model(owner, args, kwargs)
         check_ratios(owner, super().__init__, args, kwargs)
         try:
-            super().__init__(*args, **kwargs)
+            with torch_pruning_fixes():   # HF LLaMA's rotary embedding (tp_compat.py)
+                super().__init__(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
             err = trace_error(owner, e)
             if err is not None:
@@ -165,6 +170,7 @@ class DecayPrunerMixin:
         for group in list(self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                                  root_module_types=self.root_module_types)):
             root = group[0].dep.target.module
+            check_gqa_group(self, group)
             if self._is_atten_group(group)[0]:
                 # Torch-Pruning selects attention groups re-rooted at the output projection
                 # (its input channels); register that group, so selections map to it.
@@ -427,9 +433,12 @@ class DecayPrunerMixin:
         multiple of ``round_to`` root channels (as Torch-Pruning's selection does); the
         rest stay in the model at exactly zero until more of the group is zeroed
         (Self-Rectifying may have released part of a selection)."""
-        if not self.round_to or zeroed.numel() == 0 or name in self._dims_of \
-                or name in self._pair_of:
+        if zeroed.numel() == 0 or name in self._dims_of or name in self._pair_of:
             return zeroed   # heads with head dims: nothing zeroed may stay (see step())
+        if self.prune_num_heads and self.num_heads:
+            zeroed = equal_heads_per_kv_head(self, self._full_group(*self._roots[name]), zeroed)
+        if not self.round_to or zeroed.numel() == 0:
+            return zeroed
         units = self._units[name]
         m, u = units.shape
         keep_roots = -(-((m - zeroed.numel()) * u) // self.round_to) * self.round_to
@@ -480,6 +489,7 @@ class DecayPrunerMixin:
         self._sync_heads()
         sync_attention_attributes(self._attention, self._heads)
         sync_model_attributes(self.model)
+        sync_hf_config(self.model, warned=self.__dict__.setdefault("_config_warned", set()))
         changed = {id(old) for old, _ in replaced}
         for name in list(self.engine.groups()):
             if name in plan:

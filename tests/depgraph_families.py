@@ -87,13 +87,15 @@ def _bert_kwargs(model):   # examples/transformers/prune_hf_bert.py
                 output_transform=lambda out: out.logits.sum())
 
 
-def _llama(kv_heads):
+def _llama(heads, kv_heads, hidden, attn="sdpa"):
     def build():
         from transformers import LlamaConfig, LlamaForCausalLM
         torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=32))
+        config = LlamaConfig(
+            vocab_size=64, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32)
+        config._attn_implementation = attn
+        return LlamaForCausalLM(config)
     return build
 
 
@@ -203,7 +205,6 @@ def _tokens():
 
 
 def _one_sequence():
-    # batch 1: with a batch of 2, Torch-Pruning 1.6.1's grouping of this LLaMA never ends
     return torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))
 
 
@@ -218,10 +219,15 @@ def _hf_loss(model, x):
 FAMILIES = {
     "hf_vit": Family("hf_vit", _vit, _image(), _vit_kwargs, _hf_loss, _hf_fix, "transformers"),
     "hf_bert": Family("hf_bert", _bert, _tokens, _bert_kwargs, _hf_loss, _hf_fix, "transformers"),
-    "hf_llama": Family("hf_llama", _llama(4), _one_sequence, _llama_kwargs, _hf_loss, _hf_fix,
-                       "transformers"),
-    "hf_llama_gqa": Family("hf_llama_gqa", _llama(2), _one_sequence, _llama_kwargs, _hf_loss, _hf_fix,
-                           "transformers"),
+    # Torch-Pruning 1.6.1 builds its graph of LLaMA only with dpm_depgraph.torch_pruning_fixes
+    # (run_plain). GQA: eager attention, whose repeat_kv tells Torch-Pruning that k/v are
+    # shared (with sdpa's enable_gqa it fails: "shape '[12, -1]' is invalid", its issue
+    # #516); 12 query heads over 2 KV heads, since with 4 over 2 its second step leaves as
+    # many query as KV heads, stops treating the layer as GQA and drops the head group.
+    "hf_llama": Family("hf_llama", _llama(4, 4, 32), _one_sequence, _llama_kwargs, _hf_loss,
+                       _hf_fix, "transformers"),
+    "hf_llama_gqa": Family("hf_llama_gqa", _llama(16, 2, 64, "eager"), _one_sequence,
+                           _llama_kwargs, _hf_loss, _hf_fix, "transformers"),
     "timm_vit": Family("timm_vit", _timm_vit, _image(), _timm_kwargs(False), _plain_loss,
                        _timm_fix, "timm"),
     "timm_vit_heads": Family("timm_vit_heads", _timm_vit, _image(), _timm_kwargs(True),
@@ -249,8 +255,9 @@ def n_params(model):
 
 
 def run_plain(fam, model, x, steps=2, ratio=0.5):
+    from dpm_depgraph import torch_pruning_fixes
     kw = fam.kwargs(model)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch_pruning_fixes():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(),
                                       pruning_ratio=ratio, iterative_steps=steps, **kw)

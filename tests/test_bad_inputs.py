@@ -227,6 +227,23 @@ def c_dg_classifier_pruned():
         warnings.simplefilter("error", UserWarning)   # the warning as the raised "error"
         DecayMetaPruner(_tiny_cnn(), torch.randn(1, 3, 8, 8),
                         importance=tp.importance.MagnitudeImportance(), decay=DecayConfig())
+
+
+def c_dg_gqa_sdpa():
+    transformers = pytest.importorskip("transformers")
+    import torch_pruning as tp
+    from dpm_depgraph import DecayMetaPruner
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa"))
+    a = m.model.layers[0].self_attn
+    DecayMetaPruner(m, torch.randint(0, 64, (1, 8)), importance=tp.importance.MagnitudeImportance(),
+                    ignored_layers=[m.lm_head], num_heads={a.q_proj: 4, a.k_proj: 2, a.v_proj: 2},
+                    prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5,
+                    output_transform=lambda out: out.logits.sum(), decay=DecayConfig())
+
+
 def c_attach_scheduler():
     opt = torch.optim.SGD(_tiny_cnn().parameters(), lr=0.1)
     DecayEngine().attach(torch.optim.lr_scheduler.StepLR(opt, 10))
@@ -374,6 +391,8 @@ CASES = [
     ("dg-classifier-pruned", "decay pruner without the classifier in `ignored_layers` (a "
      "warning)", c_dg_classifier_pruned, UserWarning, "pruning would change the model's "
      "output size"),
+    ("dg-gqa-sdpa", "decay pruner on grouped-query attention traced through sdpa "
+     "(no `repeat_kv`)", c_dg_gqa_sdpa, ValueError, "Build the model with eager attention"),
     ("attach-scheduler", "`attach(lr_scheduler)`: a scheduler, not an optimizer",
      c_attach_scheduler, TypeError, "attach() expects a torch.optim.Optimizer (or a wrapper"),
     ("hf-plain-pruner", "`DecayPruningCallback(tp.pruner.MetaPruner(...))`",
