@@ -165,7 +165,8 @@ class _Buffer:
 class StackedLayout:
     """The decaying groups' tensors: small ones stacked by shape, large ones sliced."""
 
-    def __init__(self, groups, sliced_min_numel: int = SLICED_MIN_NUMEL):
+    def __init__(self, groups, sliced_min_numel: int = SLICED_MIN_NUMEL,
+                 streaming: tuple[float, float] | None = None):
         self.groups = list(groups)
         self.key = self.key_of(self.groups)
         self.sizes = [g.m for g in self.groups]
@@ -194,7 +195,7 @@ class StackedLayout:
         for p in params.values():
             by_kind.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
         self.buffers = [_Buffer(ps, owners, dump) for ps in by_kind.values()]
-        self.sliced = [SlicedTensor(p, sl, dump) for p, sl in sliced.values()]
+        self.sliced = [SlicedTensor(p, sl, dump, streaming) for p, sl in sliced.values()]
         empty = torch.zeros(0, dtype=torch.int64, device=self.device)
         owner = torch.cat([o for buf in self.buffers for o in buf.owner] or [empty])
         self._owner = owner
@@ -244,10 +245,11 @@ class StackedLayout:
         """Same groups at the same layout versions, and no tensor changed shape."""
         return key == self.key and self.shapes_unchanged()
 
-    def set_regions(self, decaying: torch.Tensor) -> None:
-        """The channels (bool ``[C]``) whose slices the sliced tensors work on."""
+    def set_regions(self, decaying: torch.Tensor, snap: torch.Tensor | None = None) -> None:
+        """The channels (bool ``[C]``) whose slices the sliced tensors work on, and those
+        (a subset, default the same) whose ``x`` their :meth:`snapshot` keeps."""
         for t in self.sliced:
-            t.set_regions(decaying)
+            t.set_regions(decaying, snap)
 
     # ---------------------------------------------------------------- kernels
     @torch.no_grad()
