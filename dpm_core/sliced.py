@@ -245,31 +245,65 @@ class SlicedTensor:
             shape[0] = (rows.stop - rows.start) // (sp.view[0] // self.shape[0])
         return chunk.view(shape)
 
-    def _cells(self, src: torch.Tensor) -> torch.Tensor:
+    def _squared(self, t: torch.Tensor, slot: int) -> torch.Tensor:
+        """``t ** 2`` in the work dtype, in a scratch ``slot`` (``t`` is left alone)."""
+        s = _scratch_for(t.shape, self.work, t.device, slot)
+        if t.dtype == s.dtype:
+            torch.mul(t, t, out=s)
+        else:  # float16 / bfloat16: square in float32
+            s.copy_(t)
+            s.mul_(s)
+        return s
+
+    def _ones(self, n: int) -> torch.Tensor:
+        key = (self.param.device, self.work, "ones")
+        ones = _scratch.get(key)
+        if ones is None or ones.numel() < n:
+            ones = torch.ones(n, dtype=self.work, device=self.param.device)
+            _scratch[key] = ones
+        return ones[:n]
+
+    def _cells(self, src: torch.Tensor, on_chunk=None) -> torch.Tensor:
         """``src ** 2`` summed to the cells (``[*sizes of the slices' dims]``, float32;
-        float64 for float64), streamed over chunks of rows of dim 0 that stay in cache."""
+        float64 for float64), streamed over chunks of rows of dim 0 that stay in cache.
+        ``on_chunk(start, stop, chunk)`` sees every chunk of ``src`` while it is hot."""
         n0 = self.shape[0]
-        per = max(1, STREAM_CHUNK // max(1, src.numel() // n0))
+        row = src.numel() // n0
+        per = max(1, STREAM_CHUNK // max(1, row))
         keep = self.spec_dims
         along_rows = 0 in keep
-        cells = torch.zeros(self.cell_shape, dtype=self.work, device=src.device) \
-            if along_rows else None
+        if along_rows:
+            cells = torch.zeros(self.cell_shape, dtype=self.work, device=src.device)
+        else:  # dim 0 is summed first, as a matrix-vector product per chunk
+            acc = torch.zeros(row, dtype=self.work, device=src.device)
         for a in range(0, n0, per):
             c = src[a:a + per]
-            s = _scratch_for(c.shape, self.work, src.device, slot=1)
-            if c.dtype == s.dtype:
-                torch.mul(c, c, out=s)
-            else:  # float16 / bfloat16: square in float32
-                s.copy_(c)
-                s.mul_(s)
-            red = reduce_to_cells(s, 0, keep)
+            n = c.shape[0]
+            s = self._squared(c, slot=1)
             if along_rows:
-                cells[a:a + c.shape[0]] = red
-            elif cells is None:
-                cells = red
+                cells[a:a + n] = reduce_to_cells(s, 0, keep)
             else:
-                cells += red
-        return cells
+                acc.addmv_(s.view(n, row).t(), self._ones(n))
+            if on_chunk is not None:
+                on_chunk(a, a + n, c)
+        if along_rows:
+            return cells
+        return reduce_to_cells(acc.view(self.shape[1:]), 0, tuple(d - 1 for d in keep))
+
+    def _old_and_delta_hot(self, a: int, b: int, chunk: torch.Tensor, accs: dict) -> None:
+        """For the snapshot's slices along a dim after 0: ``||x||²`` and ``||x~ - x||²``
+        per position of the gathered blocks, from rows ``a:b`` of ``x~`` while hot."""
+        for sp, acc in accs.items():
+            q = sp.view[0] // self.shape[0]
+            rows = (b - a) * q
+            v = chunk.view(rows, sp.view[1], sp.view[2])
+            nb = sp.snap_blocks.numel()
+            new = _scratch_for((rows, nb, sp.view[2]), self.param.dtype, chunk.device, 2)
+            torch.index_select(v, 1, sp.snap_blocks, out=new)
+            snap = sp.snap[a * q: b * q]
+            ones = self._ones(rows)
+            acc[0].addmv_(self._squared(snap, 3).view(rows, -1).t(), ones)
+            acc[1].addmv_(self._squared(snap.sub_(new), 3).view(rows, -1).t(), ones)
 
     def _cell_ids(self) -> list[torch.Tensor]:
         """Per slice, the global channel owning each cell, as a view broadcastable to
@@ -394,12 +428,22 @@ class SlicedTensor:
         """Pass 1: add ``||x~||²`` of the regions' channels into ``out[0]`` (``out``:
         ``[Q, C + 1]``) and, ``with_old``, ``||x||²`` and ``||x~ - x||²`` of the
         snapshot's channels into ``out[1]``, ``out[2]`` (it uses the snapshot up)."""
+        hot = {}
         if self.dense:
             # every channel's norm, from one streaming read (channels outside the
-            # region are not decaying: their values are never used)
-            cells = self._cells(self.param)
+            # region are not decaying: their values are never used); the snapshot's
+            # slices along later dims are compared with x~ while its rows are hot
+            if with_old:
+                hot = {sp: torch.zeros(2, sp.snap.shape[1] * sp.snap.shape[2],
+                                       dtype=self.work, device=self.param.device)
+                       for sp in self.specs if sp.snap_ch is not None and sp.dim > 0}
+            cells = self._cells(self.param, (lambda a, b, c: self._old_and_delta_hot(
+                a, b, c, hot)) if hot else None)
             self._add_per_channel(cells, out[0])
             self.cells = cells if self.shared else None
+            for sp, acc in hot.items():
+                per_ch = acc.view(2, -1, sp.kb * sp.view[2]).sum(-1).float()
+                out[1:3].index_add_(1, sp.snap_ch, per_ch)
         else:
             for sp in self.active_specs():
                 per_ch = self._block_sums(sp, sp.region_blocks, 1, lambda rows, blocks: _sq_sums(
@@ -408,7 +452,7 @@ class SlicedTensor:
         if not with_old:
             return
         for sp in self.specs:
-            if sp.snap_ch is None:
+            if sp.snap_ch is None or sp in hot:
                 continue
 
             def old_and_delta(rows, blocks, sp=sp):
