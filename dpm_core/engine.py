@@ -36,13 +36,32 @@ decaying channel (Algorithm 2):
 With N = 3 and no interference the norms after three steps are 2/3, 1/3 and 0 of
 ``L_init`` (Figure 2).
 
+Self-Rectifying reads only what Eq. 6 can use
+---------------------------------------------
+Eq. 6 releases a channel only if ``C_rate > t_rate`` *and* ``C_len > t_len``, and
+``C_len`` is known at the pre-hook (it needs only gradients). So:
+
+* ``x`` (for ``C_rate``'s ``||x||`` and ``||x~ - x||``) is kept only for the decaying
+  channels whose ``C_len > t_len``; for every other decaying channel Eq. 6 fails whatever
+  ``C_rate`` is, and it is computed as 0 (step 1 then goes on to step 2 as written);
+* ``C_len <= M`` (one channel's gradient norm is at most the sum of all M), so in a group
+  with ``t_len >= M`` (with a margin for float rounding) no channel can be released: its
+  gradient is not read at all (``C_len = 0``).
+
+Both are exact: the decisions and weights are those of the rules above. The one visible
+difference is in the non-finite rule below: a non-finite gradient or ``x`` of a channel
+that Eq. 6 could not release anyway is not looked at, so such a channel is left alone for
+that step only if its ``x~`` is non-finite (with plain SGD, momentum or Adam a non-finite
+gradient always makes ``x~`` non-finite), exactly as without Self-Rectifying.
+
 Other rules
 -----------
 * A step skipped by ``torch.amp.GradScaler`` (inf/NaN gradients) never calls
   ``optimizer.step()``, so the hooks do not run and nothing advances.
 * A decaying channel whose gradient, old or new vector is not finite is left exactly as
   the optimizer produced it for that step (one warning per step), takes no part in the
-  mean of Eq. 5, and its decay goes on at the next finite step.
+  mean of Eq. 5, and its decay goes on at the next finite step. (The gradient and old
+  vector count only where Self-Rectifying reads them: see above.)
 * ``capture_clean_grads()`` (called after ``backward()`` and before a penalty is added
   to ``.grad``) makes the next step use the penalty-free gradient for decaying channels,
   for both their update and the SR criteria (section 3.2, "Special Situations").
@@ -55,11 +74,15 @@ Other rules
   one fill of their slices per tensor (``index_fill_``).
 * A group whose slices change (or that is removed) between the two hooks of one step is
   left out of that step (its channels do not advance); the other groups go on.
-* Large tensors (at least ``DecayEngine.sliced_min_numel`` elements) are never touched
-  whole in the weight path: only the slices of their decaying channels are gathered,
-  scaled and written back (:mod:`dpm_core.sliced`; with SR, one persistent copy of those
-  slices holds ``x``). Self-Rectifying's ``C_len`` reads every channel's gradient of the
-  decaying groups (Eq. 5's mean is over all M channels), without copying it.
+* Large tensors (at least ``DecayEngine.sliced_min_numel`` elements) are never stacked
+  or copied whole (:mod:`dpm_core.sliced`): where their decaying slices are a small share
+  of the tensor, only those slices are gathered, scaled and written back; where they
+  are a large share (half of a VGG classifier's columns), one streaming read gives the
+  norms and one in-place broadcast multiply (by exactly 1 outside the decaying slices)
+  the scale, whichever costs less. With SR, one persistent copy of the slices of the
+  channels whose ``C_len`` passes ``t_len`` holds ``x``. ``C_len`` reads every channel's
+  gradient of the decaying groups (Eq. 5's mean is over all M channels), without
+  copying it.
 
 Shared elements
 ---------------

@@ -7,8 +7,9 @@ tensors of the groups that are decaying (below ``dpm_core.sliced.SLICED_MIN_NUME
 elements) into one persistent buffer per (shape, dtype, device) (float32; float64 for
 float64 tensors) and runs each step's kernels once per buffer instead of once per slice.
 Large tensors (a VGG classifier, a transformer's MLP) take the sliced path instead
-(:class:`dpm_core.sliced.SlicedTensor`): only the decaying channels' slices are gathered,
-worked on and written back, so work and memory follow what decays, not the tensor size.
+(:class:`dpm_core.sliced.SlicedTensor`): never copied whole, they are worked on through
+their decaying channels' slices (gathered and written back) or, where those cover much of
+the tensor, by a streaming pass and an in-place broadcast scale, whichever costs less.
 Both feed the same per-channel sums. The stacked kernels:
 
 * ``grad_sq_norms()``: squared gradient norm of every channel (Eq. 5's ``||g_c||``);
