@@ -320,15 +320,20 @@ class SlicedTensor:
 
     def _add_per_channel(self, cells: torch.Tensor, out: torch.Tensor,
                          weight: list[torch.Tensor] | None = None) -> None:
-        """Add each slice's sums of ``cells`` (times ``weight[i]``, that slice's
-        per-cell weight) into ``out`` (``[C + 1]``) at its channels."""
+        """Add each slice's sums of ``cells`` (times ``weight[i]``, a per-position
+        weight along that slice's dim, as a cell view) into ``out`` (``[C + 1]``) at its
+        channels."""
         nd = len(self.spec_dims)
+        sums: dict[int, torch.Tensor] = {}
         for i, sp in enumerate(self.specs):
             j = self.spec_dims.index(sp.dim)
-            t = cells if weight is None else cells * weight[i]
-            other = tuple(x for x in range(nd) if x != j)
-            per_pos = t.sum(dim=other) if other else t
-            out[sp.offset: sp.offset + sp.m] += sp.per_channel(per_pos.reshape(-1)).float()
+            if j not in sums:
+                other = tuple(x for x in range(nd) if x != j)
+                sums[j] = (cells.sum(dim=other) if other else cells).reshape(-1)
+            per_pos = sums[j]
+            if weight is not None:  # constant along the summed dims: it factors out
+                per_pos = per_pos * weight[i].reshape(-1)
+            out[sp.offset: sp.offset + sp.m] += sp.per_channel(per_pos).float()
 
     def _block_sums(self, sp: _Spec, idx: torch.Tensor, q: int, fn) -> torch.Tensor:
         """``[q, n]`` per-channel sums over the gathered blocks ``idx`` (``n * kb``):
