@@ -451,8 +451,10 @@ class SlicedTensor:
                 out[1:3].index_add_(1, sp.snap_ch, per_ch)
         else:
             for sp in self.active_specs():
-                per_ch = self._block_sums(sp, sp.region_blocks, 1, lambda rows, blocks: _sq_sums(
-                    self._gather_scratch(sp, sp.region_blocks, rows, blocks), 2).sum(0))
+                def new_sq(rows, blocks, sp=sp):
+                    chunk = self._gather_scratch(sp, sp.region_blocks, rows, blocks)
+                    return _sq_sums(chunk, 2).sum(0)
+                per_ch = self._block_sums(sp, sp.region_blocks, 1, new_sq)
                 out[0].index_add_(0, sp.region_ch, per_ch[0])
         if not with_old:
             return
