@@ -55,7 +55,10 @@ SLICED_MIN_NUMEL = 1 << 18  # tensors at least this large take the sliced path
 CHUNK_ELEMENTS = 1 << 20    # elements per chunk of a gathered region (4 MB in float32)
 STREAM_CHUNK = 1 << 18      # elements per chunk of a streaming pass (1 MB: stays in cache)
 #: share of a tensor covered by the decaying slices from which the streaming path is used
-DENSE_MIN_FRACTION = 0.125
+#: (measured on a 4096 x 25088 Linear with random channels of 49 columns decaying, one
+#: thread: gather 134 / streaming 182 ms per step at 1/8, 179 / 176 at 1/4, 260 / 178
+#: at 1/2, plain SGD's own pass included)
+DENSE_MIN_FRACTION = 0.25
 #: the streaming path is open to tensors whose cells are at most this share of them
 MAX_CELL_SHARE = 0.125
 
