@@ -279,14 +279,27 @@ class SlicedTensor:
             cells = torch.zeros(self.cell_shape, dtype=self.work, device=src.device)
         else:  # dim 0 is summed first, as a matrix-vector product per chunk
             acc = torch.zeros(row, dtype=self.work, device=src.device)
+        # the loop runs hundreds of times per step on a large tensor: keep it lean
+        per = min(per, n0)
+        scratch = _scratch_for((per,) + tuple(src.shape[1:]), self.work, src.device, 1)
+        flat = scratch.view(per, row)
+        ones = self._ones(per)
+        same = src.dtype == self.work
         for a in range(0, n0, per):
             c = src[a:a + per]
             n = c.shape[0]
-            s = self._squared(c, slot=1)
+            s = scratch if n == per else scratch[:n]
+            if same:
+                torch.mul(c, c, out=s)
+            else:  # float16 / bfloat16: square in float32
+                s.copy_(c)
+                s.mul_(s)
             if along_rows:
                 cells[a:a + n] = reduce_to_cells(s, 0, keep)
+            elif n == per:
+                acc.addmv_(flat.t(), ones)
             else:
-                acc.addmv_(s.view(n, row).t(), self._ones(n))
+                acc.addmv_(flat[:n].t(), ones[:n])
             if on_chunk is not None:
                 on_chunk(a, a + n, c)
         if along_rows:
