@@ -41,7 +41,8 @@ import math
 import torch
 
 from . import functional as F
-from .sliced import SLICED_MIN_NUMEL, SlicedTensor, reduce_to_cells
+from .reductions import reduce_to_cells
+from .sliced import SLICED_MIN_NUMEL, SlicedTensor
 
 __all__ = ["StackedLayout"]
 
