@@ -16,9 +16,14 @@ Builds one of three models with random weights (``--model``):
 marks half of every group's channels (every other channel), and times full training
 iterations (forward, backward, ``optimizer.step()``) with and without the engine attached,
 interleaved in one process so both see the same machine load. The decaying channels
-never finish (N is huge) and never get released (T_len is huge: C_len is at most M), so
-the engine does the same work on every step, Self-Rectifying included: gradient and
-weight norms of the channels of the decaying groups, the criteria, and the write-back.
+never finish (N is huge), so the engine does the same work on every step. By default
+they are never released either (T_len is huge: C_len is at most M), and the engine then
+reads nothing for Self-Rectifying (no channel can pass Eq. 6): this is the cost of Smooth
+Pruning (weight norms of the decaying channels and the write-back). ``--t-len 0`` shows
+Self-Rectifying's worst case: every decaying channel passes T_len, so every step reads
+all gradient norms of the decaying groups, keeps a snapshot of every decaying slice and
+computes C_rate for all of them (T_rate is then set to 1 - 1e-6 so that nothing is
+released and the work stays the same from step to step).
 
 A third variant, the control, attaches an engine over the same groups with nothing
 decaying: its ratio to the plain run shows the noise floor of the end-to-end figures.
@@ -36,6 +41,7 @@ engine's cost.
     python -m benchmarks.overhead --model resnet56 --batch 128 --iters 15
     python -m benchmarks.overhead --model vgg11_bn --batch 16 --iters 10
     python -m benchmarks.overhead --model vit_b_16 --batch 8 --iters 10
+    python -m benchmarks.overhead --model vgg11_bn --batch 16 --iters 10 --t-len 0
 """
 
 from __future__ import annotations
@@ -137,7 +143,7 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
 
 def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None = None,
         seed: int = 0, control: bool = True, capture: bool = False, model: str = "resnet56",
-        image_size: int | None = None, device: str = "cpu") -> dict:
+        image_size: int | None = None, device: str = "cpu", t_len: float = 1e9) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -146,7 +152,10 @@ def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None 
     dev = torch.device(device)
     model = build_model(model_name, size).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    cfg = DecayConfig(steps=10 ** 9, t_rate=0.3, t_len=1e9, self_rectify=True)
+    # nothing is ever released: with a huge T_len no channel can pass Eq. 6; with a
+    # small one every channel passes T_len and T_rate just below 1 stops the releases
+    cfg = DecayConfig(steps=10 ** 9, t_rate=0.3 if t_len >= 1e9 else 1 - 1e-6, t_len=t_len,
+                      self_rectify=True)
     engine = DecayEngine(cfg)
     grouper = build_vit_groups if model_name == "vit_b_16" else build_groups
     groups = grouper(model, engine)
@@ -250,7 +259,7 @@ def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None 
     s0, s1 = statistics.median(steps["without"]), statistics.median(steps["with"])
     fb0 = statistics.median(a - b for a, b in zip(times["without"], steps["without"]))
     fb1 = statistics.median(a - b for a, b in zip(times["with"], steps["with"]))
-    r = {"model": model_name, "image_size": size, "device": str(dev),
+    r = {"model": model_name, "image_size": size, "device": str(dev), "t_len": t_len,
          "rss_mb_before": rss_plain, "rss_plain_drift_mb": rss_plain - rss0,
          "extra_rss_mb": rss_engine - rss_plain, "peak_growth_mb": peak1 - peak0,
          "batch": batch, "iters": iters, "groups": groups, "channels": total,
@@ -284,6 +293,10 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--capture-clean-grads", dest="capture", action="store_true",
                     help="call engine.capture_clean_grads() before every step (as the decay "
                          "pruners' regularize() does); its time counts in the step's")
+    ap.add_argument("--t-len", type=float, default=1e9,
+                    help="T_len of the engine (default 1e9: no channel can be released, so "
+                         "Self-Rectifying reads nothing; 0: every decaying channel passes "
+                         "T_len, Self-Rectifying's worst case)")
 
 
 def _report(args) -> dict:
@@ -292,11 +305,12 @@ def _report(args) -> dict:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     r = run(args.batch, args.iters, args.warmup, args.threads, control=args.control,
             capture=args.capture, model=args.model, image_size=args.image_size,
-            device=args.device)
+            device=args.device, t_len=args.t_len)
     print(f"{r['model']} ({r['image_size']}x{r['image_size']}, {r['device']}), "
           f"batch {r['batch']}, {r['threads']} threads, {r['groups']} groups, "
           f"{r['decaying']}/{r['channels']} channels decaying, {r['iters']} rounds"
-          + (", capture_clean_grads() every step" if args.capture else ""))
+          + (", capture_clean_grads() every step" if args.capture else "")
+          + f", T_len {r['t_len']:g}")
     print(f"median s/iter without engine: {r['sec_without']:.4f}")
     print(f"median s/iter with engine:    {r['sec_with']:.4f}")
     print(f"ratio of medians (with/without): {r['ratio']:.4f}  "

@@ -36,13 +36,32 @@ decaying channel (Algorithm 2):
 With N = 3 and no interference the norms after three steps are 2/3, 1/3 and 0 of
 ``L_init`` (Figure 2).
 
+Self-Rectifying reads only what Eq. 6 can use
+---------------------------------------------
+Eq. 6 releases a channel only if ``C_rate > t_rate`` *and* ``C_len > t_len``, and
+``C_len`` is known at the pre-hook (it needs only gradients). So:
+
+* ``x`` (for ``C_rate``'s ``||x||`` and ``||x~ - x||``) is kept only for the decaying
+  channels whose ``C_len > t_len``; for every other decaying channel Eq. 6 fails whatever
+  ``C_rate`` is, and it is computed as 0 (step 1 then goes on to step 2 as written);
+* ``C_len <= M`` (one channel's gradient norm is at most the sum of all M), so in a group
+  with ``t_len >= M`` (with a margin for float rounding) no channel can be released: its
+  gradient is not read at all (``C_len = 0``).
+
+Both are exact: the decisions and weights are those of the rules above. The one visible
+difference is in the non-finite rule below: a non-finite gradient or ``x`` of a channel
+that Eq. 6 could not release anyway is not looked at, so such a channel is left alone for
+that step only if its ``x~`` is non-finite (with plain SGD, momentum or Adam a non-finite
+gradient always makes ``x~`` non-finite), exactly as without Self-Rectifying.
+
 Other rules
 -----------
 * A step skipped by ``torch.amp.GradScaler`` (inf/NaN gradients) never calls
   ``optimizer.step()``, so the hooks do not run and nothing advances.
 * A decaying channel whose gradient, old or new vector is not finite is left exactly as
   the optimizer produced it for that step (one warning per step), takes no part in the
-  mean of Eq. 5, and its decay goes on at the next finite step.
+  mean of Eq. 5, and its decay goes on at the next finite step. (The gradient and old
+  vector count only where Self-Rectifying reads them: see above.)
 * ``capture_clean_grads()`` (called after ``backward()`` and before a penalty is added
   to ``.grad``) makes the next step use the penalty-free gradient for decaying channels,
   for both their update and the SR criteria (section 3.2, "Special Situations").
@@ -55,11 +74,15 @@ Other rules
   one fill of their slices per tensor (``index_fill_``).
 * A group whose slices change (or that is removed) between the two hooks of one step is
   left out of that step (its channels do not advance); the other groups go on.
-* Large tensors (at least ``DecayEngine.sliced_min_numel`` elements) are never touched
-  whole in the weight path: only the slices of their decaying channels are gathered,
-  scaled and written back (:mod:`dpm_core.sliced`; with SR, one persistent copy of those
-  slices holds ``x``). Self-Rectifying's ``C_len`` reads every channel's gradient of the
-  decaying groups (Eq. 5's mean is over all M channels), without copying it.
+* Large tensors (at least ``DecayEngine.sliced_min_numel`` elements) are never stacked
+  or copied whole (:mod:`dpm_core.sliced`): where their decaying slices are a small share
+  of the tensor, only those slices are gathered, scaled and written back; where they
+  are a large share (half of a VGG classifier's columns), one streaming read gives the
+  norms and one in-place broadcast multiply (by exactly 1 outside the decaying slices)
+  the scale, whichever costs less. With SR, one persistent copy of the slices of the
+  channels whose ``C_len`` passes ``t_len`` holds ``x``. ``C_len`` reads every channel's
+  gradient of the decaying groups (Eq. 5's mean is over all M channels), without
+  copying it.
 
 Shared elements
 ---------------
@@ -107,6 +130,12 @@ from .stacked import StackedLayout
 __all__ = ["DecayEngine", "ChannelState", "EngineHandle"]
 
 _STATE_VERSION = 1
+
+
+def _max_c_len(m: int) -> float:
+    """An upper bound of a computed ``C_len`` (Eq. 5) in a group of ``m`` channels: ``m``
+    (one channel's norm is at most the sum of all), plus float32 rounding of the sum."""
+    return m * (1.0 + (m + 4) * 2.0 ** -23)
 
 
 @dataclass
@@ -250,6 +279,9 @@ class DecayEngine:
     #: tensors with at least this many elements take the sliced path (only the decaying
     #: channels' slices are gathered and written back); smaller ones are stacked by shape
     sliced_min_numel: int = SLICED_MIN_NUMEL
+    # (DENSE_MIN_FRACTION, MAX_CELL_SHARE) of dpm_core.sliced; None: those defaults.
+    # Tests set it to force the gather or the streaming path on tiny tensors.
+    _streaming: tuple[float, float] | None = None
 
     def __init__(self, config: DecayConfig | None = None):
         if config is None:
@@ -264,6 +296,7 @@ class DecayEngine:
         self._handle: EngineHandle | None = None
         self._pending: dict[str, tuple] = {}
         self._step_layouts: list[StackedLayout] = []
+        self._snapped: dict[int, torch.Tensor | None] = {}
         self._layout_cache: dict[torch.device, StackedLayout] = {}
         # group name -> (layout, decaying mask, clean gradient norms) of the last capture
         self._clean: dict[str, tuple] = {}
@@ -671,7 +704,7 @@ class DecayEngine:
         for dev, gs in by_device.items():
             layout = self._layout_cache.get(dev)
             if layout is None or not layout.valid_for(StackedLayout.key_of(gs)):
-                layout = StackedLayout(gs, self.sliced_min_numel)
+                layout = StackedLayout(gs, self.sliced_min_numel, self._streaming)
                 self._layout_cache[dev] = layout
             layouts.append(layout)
         return layouts
@@ -689,15 +722,37 @@ class DecayEngine:
         sr = self.config.self_rectify
         gnorms = self._restore_clean(clean)
         self._step_layouts = self._layouts_for(groups)
+        self._snapped = {}
+        t_len = self.config.t_len
         for layout in self._step_layouts:
-            # the sliced tensors work on the slices of the channels decaying now
-            layout.set_regions(torch.cat([g.decaying for g in layout.groups]))
+            decaying = torch.cat([g.decaying for g in layout.groups])
+            need = None
             if sr:
-                if any(g.name not in gnorms for g in layout.groups):
+                # C_len <= M (one channel's gradient norm is at most the sum of all M):
+                # in a group with T_len >= M no channel can pass Eq. 6, so its gradient
+                # is not read (see "Self-Rectifying reads only what Eq. 6 can use")
+                hopeless = [t_len >= _max_c_len(g.m) for g in layout.groups]
+                if not all(hopeless) and any(g.name not in gnorms for g, h in
+                                             zip(layout.groups, hopeless) if not h):
                     per_group = layout.grad_sq_norms().sqrt().split(layout.sizes)
                     for g, gn in zip(layout.groups, per_group):
                         gnorms.setdefault(g.name, gn)
+                for g, h in zip(layout.groups, hopeless):
+                    if h:
+                        gnorms[g.name] = torch.zeros(g.m, device=g.device)
+                gn = torch.cat([gnorms[g.name] for g in layout.groups])
+                c_len = F.relative_grad_length(gn, layout.segments, len(layout.groups))
+                # only a channel whose C_len passes T_len can be released (Eq. 6): only
+                # those need x for C_rate
+                need = decaying & (c_len > t_len)
+                if not bool(need.any()):
+                    need = None
+            # the sliced tensors work on the slices of the channels decaying now
+            layout.set_regions(decaying, need if need is not None else
+                               torch.zeros_like(decaying))
+            if need is not None:
                 layout.snapshot()
+            self._snapped[id(layout)] = need
             for g in layout.groups:
                 self._pending[g.name] = (g.decaying.clone(), gnorms.get(g.name))
 
@@ -718,12 +773,14 @@ class DecayEngine:
                 continue
             # every group is measured before any is scaled, so groups sharing a tensor
             # all see x~
-            norms = layout.measure(with_old=sr)
-            r, z = self._decay(layout, pend, norms)
+            need = self._snapped.get(id(layout))
+            norms = layout.measure(with_old=need is not None)
+            r, z = self._decay(layout, pend, norms, need)
             released_total += r
             zeroed_total += z
         self._pending = {}
         self._step_layouts = []
+        self._snapped = {}
         self.step_count += 1
         self.counters["steps"] += 1
         decaying = sum(g.n_decaying for g in self._groups.values())
@@ -733,15 +790,17 @@ class DecayEngine:
                                 "marked": self._marked_since_step})
         self._marked_since_step = 0
 
-    def _decay(self, layout: StackedLayout, pend: list, norms: torch.Tensor
-               ) -> tuple[int, int]:
+    def _decay(self, layout: StackedLayout, pend: list, norms: torch.Tensor,
+               need: torch.Tensor | None = None) -> tuple[int, int]:
         """Algorithm 2 for every channel of every group of ``layout`` in one pass.
 
         ``pend`` holds each group's pre-hook snapshot (decaying mask, gradient norms), or
         None for a group left out of this step; ``norms`` is ``[3, C]`` (``||x~||``,
-        ``||x||``, ``||x~ - x||``) or, without SR, ``[1, C]``. Per-channel quantities of
-        all groups are concatenated; decisions are masked to the channels that were
-        decaying at the pre-hook (and still are: ``zero_now`` between the hooks wins).
+        ``||x||``, ``||x~ - x||``; the last two valid where ``need``, the channels whose
+        ``x`` was kept) or ``[1, C]`` (``||x~||``; no channel could pass Eq. 6, or no
+        SR). Per-channel quantities of all groups are concatenated; decisions are masked
+        to the channels that were decaying at the pre-hook (and still are: ``zero_now``
+        between the hooks wins).
         """
         cfg = self.config
         groups = layout.groups
@@ -761,7 +820,11 @@ class DecayEngine:
         n_step = per_group(lambda g, p: g.n_step, 0, torch.int64)
         finite = torch.isfinite(norm_new)
         if cfg.self_rectify:
-            norm_old, norm_delta = norms[1], norms[2]
+            if need is None:  # C_len <= T_len everywhere: C_rate cannot matter
+                norm_old, norm_delta = norm_new, torch.zeros_like(norm_new)
+            else:
+                norm_old = torch.where(need, norms[1], norm_new)
+                norm_delta = torch.where(need, norms[2], torch.zeros_like(norm_new))
             gnorm = per_group(lambda g, p: p[1], 0.0, torch.float32)
             finite &= torch.isfinite(norm_old) & torch.isfinite(gnorm)
             c_len = F.relative_grad_length(gnorm, seg, len(groups))

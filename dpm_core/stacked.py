@@ -7,8 +7,9 @@ tensors of the groups that are decaying (below ``dpm_core.sliced.SLICED_MIN_NUME
 elements) into one persistent buffer per (shape, dtype, device) (float32; float64 for
 float64 tensors) and runs each step's kernels once per buffer instead of once per slice.
 Large tensors (a VGG classifier, a transformer's MLP) take the sliced path instead
-(:class:`dpm_core.sliced.SlicedTensor`): only the decaying channels' slices are gathered,
-worked on and written back, so work and memory follow what decays, not the tensor size.
+(:class:`dpm_core.sliced.SlicedTensor`): never copied whole, they are worked on through
+their decaying channels' slices (gathered and written back) or, where those cover much of
+the tensor, by a streaming pass and an in-place broadcast scale, whichever costs less.
 Both feed the same per-channel sums. The stacked kernels:
 
 * ``grad_sq_norms()``: squared gradient norm of every channel (Eq. 5's ``||g_c||``);
@@ -40,7 +41,8 @@ import math
 import torch
 
 from . import functional as F
-from .sliced import SLICED_MIN_NUMEL, SlicedTensor, reduce_to_cells
+from .reductions import reduce_to_cells
+from .sliced import SLICED_MIN_NUMEL, SlicedTensor
 
 __all__ = ["StackedLayout"]
 
@@ -165,7 +167,8 @@ class _Buffer:
 class StackedLayout:
     """The decaying groups' tensors: small ones stacked by shape, large ones sliced."""
 
-    def __init__(self, groups, sliced_min_numel: int = SLICED_MIN_NUMEL):
+    def __init__(self, groups, sliced_min_numel: int = SLICED_MIN_NUMEL,
+                 streaming: tuple[float, float] | None = None):
         self.groups = list(groups)
         self.key = self.key_of(self.groups)
         self.sizes = [g.m for g in self.groups]
@@ -194,7 +197,7 @@ class StackedLayout:
         for p in params.values():
             by_kind.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
         self.buffers = [_Buffer(ps, owners, dump) for ps in by_kind.values()]
-        self.sliced = [SlicedTensor(p, sl, dump) for p, sl in sliced.values()]
+        self.sliced = [SlicedTensor(p, sl, dump, streaming) for p, sl in sliced.values()]
         empty = torch.zeros(0, dtype=torch.int64, device=self.device)
         owner = torch.cat([o for buf in self.buffers for o in buf.owner] or [empty])
         self._owner = owner
@@ -244,10 +247,11 @@ class StackedLayout:
         """Same groups at the same layout versions, and no tensor changed shape."""
         return key == self.key and self.shapes_unchanged()
 
-    def set_regions(self, decaying: torch.Tensor) -> None:
-        """The channels (bool ``[C]``) whose slices the sliced tensors work on."""
+    def set_regions(self, decaying: torch.Tensor, snap: torch.Tensor | None = None) -> None:
+        """The channels (bool ``[C]``) whose slices the sliced tensors work on, and those
+        (a subset, default the same) whose ``x`` their :meth:`snapshot` keeps."""
         for t in self.sliced:
-            t.set_regions(decaying)
+            t.set_regions(decaying, snap)
 
     # ---------------------------------------------------------------- kernels
     @torch.no_grad()

@@ -7,6 +7,8 @@ norm must be exactly (N - k) / N of its L_init after step k, shared elements inc
 (the rule is in the ``dpm_core.engine`` docstring, "Shared elements").
 """
 
+import math
+
 import pytest
 import torch
 import torch_pruning as tp
@@ -66,7 +68,7 @@ def test_resnet18_half_of_each_layer_decays_exactly_by_figure2():
     assert all(eng.state(n).zeroed[dec].all() for n, dec in decaying.items())
 
 
-def _two_layer(dtype, sliced, sr):
+def _two_layer(dtype, path, sr):
     """conv-like rows/columns sharing: group "a" owns A's rows and B's index columns,
     group "b" owns B's rows and C's columns; B's elements belong to both groups."""
     g = torch.Generator().manual_seed(3)
@@ -75,8 +77,9 @@ def _two_layer(dtype, sliced, sr):
     C = torch.nn.Parameter(torch.randn(3, 8, generator=g).to(dtype))
     opt = torch.optim.SGD([A, B, C], lr=0.05, momentum=0.9)
     eng = DecayEngine(DecayConfig(steps=5, self_rectify=sr, t_rate=0.3, t_len=0.8))
-    if sliced:
+    if path != "stacked":
         eng.sliced_min_numel = 0
+        eng._streaming = (math.inf, 0.0) if path == "sliced" else (0.0, 1.0)
     eng.add_group("a", [(A, 0), (B, 1, torch.arange(24).view(6, 4))])
     eng.add_group("b", [(B, 0), (C, 1)])
     eng.attach(opt)
@@ -88,8 +91,8 @@ def _two_layer(dtype, sliced, sr):
 @pytest.mark.parametrize("sr", [False, True])
 def test_sliced_and_stacked_paths_agree(dtype, sr):
     runs = []
-    for sliced in (False, True):
-        ps, opt, eng, g = _two_layer(dtype, sliced, sr)
+    for path in ("stacked", "sliced", "streamed"):
+        ps, opt, eng, g = _two_layer(dtype, path, sr)
         eng.mark("a", [0, 2, 3])
         for it in range(7):
             if it == 2:
@@ -99,15 +102,16 @@ def test_sliced_and_stacked_paths_agree(dtype, sr):
             opt.step()
         runs.append(([p.detach().clone() for p in ps],
                      {n: eng.state(n) for n in ("a", "b")}))
-    (p0, s0), (p1, s1) = runs
-    for n in ("a", "b"):
-        assert torch.equal(s0[n].decaying, s1[n].decaying)
-        assert torch.equal(s0[n].zeroed, s1[n].zeroed)
-        assert torch.equal(s0[n].n_step, s1[n].n_step)
-    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-5)
-    for a, b in zip(p0, p1):
-        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
-        assert torch.equal(a == 0, b == 0)
+    (p0, s0) = runs[0]
+    for p1, s1 in runs[1:]:
+        for n in ("a", "b"):
+            assert torch.equal(s0[n].decaying, s1[n].decaying)
+            assert torch.equal(s0[n].zeroed, s1[n].zeroed)
+            assert torch.equal(s0[n].n_step, s1[n].n_step)
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-5)
+        for a, b in zip(p0, p1):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+            assert torch.equal(a == 0, b == 0)
 
 
 def test_sliced_path_keeps_only_the_decaying_slices():

@@ -2,8 +2,8 @@
 
 The reference works channel by channel in float64 with boolean ownership masks and
 Python loops, i.e. by a different route than the engine's vectorised stacked and sliced
-kernels (each test runs with both: ``sliced`` forces the sliced path on these tiny
-tensors). Elements shared by channels of several groups follow the engine's rule
+kernels (each test runs with every path: ``sliced`` forces the gather / scatter path on
+these tiny tensors, ``streamed`` the whole-tensor streaming path). Elements shared by channels of several groups follow the engine's rule
 ("Shared elements" in the ``dpm_core.engine`` docstring), written here from its
 definition. Examples where a decision sits within rounding distance of a threshold are
 discarded (the two implementations may legitimately round differently there).
@@ -151,6 +151,19 @@ def apply_scales(new, refs, scales):
     return fill_zeroed(out, refs)
 
 
+PATHS = ["stacked", "sliced", "streamed"]
+
+
+def force_path(eng, path):
+    """Make the engine take one of its kernel paths on these tiny tensors: ``stacked``
+    (the default for them), ``sliced`` (gather / scatter of the decaying slices) or
+    ``streamed`` (whole-tensor streaming passes and a broadcast scale)."""
+    if path == "stacked":
+        return
+    eng.sliced_min_numel = 0
+    eng._streaming = (math.inf, 0.0) if path == "sliced" else (0.0, 1.0)
+
+
 @st.composite
 def scenario(draw):
     m = draw(st.integers(1, 5))
@@ -173,10 +186,10 @@ def scenario(draw):
                 mid=mid, outward=outward)
 
 
-@pytest.mark.parametrize("sliced", [False, True], ids=["stacked", "sliced"])
+@pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(scenario())
-def test_engine_matches_reference(sliced, sc):
+def test_engine_matches_reference(path, sc):
     g = torch.Generator().manual_seed(sc["seed"])
     m, a, k, b = sc["m"], sc["a"], sc["k"], sc["b"]
     A = torch.randn(m, a, generator=g, dtype=torch.float64)
@@ -198,8 +211,7 @@ def test_engine_matches_reference(sliced, sc):
     opt = torch.optim.SGD([pa, pb], lr=sc["lr"])
     eng = DecayEngine(DecayConfig(steps=sc["steps"], t_rate=sc["t_rate"],
                                   t_len=sc["t_len"], self_rectify=sc["sr"]))
-    if sliced:
-        eng.sliced_min_numel = 0
+    force_path(eng, path)
     eng.add_group("grp", [(pa, 0), (pb, 1, index)])
     eng.attach(opt)
 
@@ -267,10 +279,10 @@ def shared_scenario(draw):
                 outward=draw(st.lists(st.booleans(), min_size=n_iter, max_size=n_iter)))
 
 
-@pytest.mark.parametrize("sliced", [False, True], ids=["stacked", "sliced"])
+@pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(shared_scenario())
-def test_groups_sharing_tensors_match_reference(sliced, sc):
+def test_groups_sharing_tensors_match_reference(path, sc):
     """Several groups over shared tensors: the batched kernels against the reference.
 
     G1 owns A's rows and index-selected columns of B; G2 owns B's rows, C's columns and
@@ -317,8 +329,7 @@ def test_groups_sharing_tensors_match_reference(sliced, sc):
     opt = torch.optim.SGD(ps, lr=sc["lr"])
     eng = DecayEngine(DecayConfig(steps=sc["steps"], t_rate=sc["t_rate"], t_len=sc["t_len"],
                                   self_rectify=sc["sr"]))
-    if sliced:
-        eng.sliced_min_numel = 0
+    force_path(eng, path)
     eng.add_group("g1", [(A, 0), (B, 1, index)])
     eng.add_group("g2", [(B, 0), (C, 1), (E, 0)])
     eng.add_group("g3", [(D, 1)])

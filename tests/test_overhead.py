@@ -21,6 +21,14 @@ def test_overhead_benchmark_without_control(capsys):
     assert "control" not in capsys.readouterr().out
 
 
+def test_overhead_benchmark_self_rectifying_worst_case(capsys):
+    # T_len 0: every decaying channel passes T_len, so SR keeps every decaying slice
+    r = overhead.main(["--batch", "2", "--iters", "1", "--warmup", "0", "--threads", "1",
+                       "--no-control", "--t-len", "0"])
+    assert r["t_len"] == 0 and r["hook_sec"] > 0
+    assert "T_len 0" in capsys.readouterr().out
+
+
 def test_overhead_group_builders_vgg_and_vit_layouts():
     import torch
     import torch.nn as nn
