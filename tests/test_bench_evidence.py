@@ -160,3 +160,31 @@ def test_help_has_no_noise(capsys):
         assert "``" not in text and ":mod:`" not in text, name
         for line in text.splitlines():
             assert line.count("(default") <= 1, (name, line)
+
+
+def test_recovery_table_pairs_seeds_and_finds_the_dip(tmp_path, capsys):
+    from benchmarks.recovery_table import main as recovery_main, recovery
+
+    def write(method, seed, dip):
+        d = tmp_path / f"{method}-s{seed}"
+        d.mkdir()
+        probe = [{"step": s, "acc": 80.0, "loss": 0.5} for s in (1, 2, 3, 25, 45, 101, 130)]
+        probe[1]["acc"] = dip                     # step 2: the dip after the event at 0
+        probe.append({"step": 105, "acc": dip + 1, "loss": 1.0})   # after the event at 100
+        (d / "result.json").write_text(json.dumps(
+            {"method": method, "seed": seed, "probe": probe, "prune_steps_at": [0, 100]}))
+
+    write("original", 0, 50.0)
+    write("original", 1, 60.0)
+    write("sp", 0, 70.0)
+    write("sp", 1, 74.0)
+    write("control", 0, 40.0)
+    write("original", 2, 10.0)                    # no +SP partner: left out
+    out = recovery(str(tmp_path))
+    assert out["original"][0] == [0, 1]
+    assert out["original"][1] == [55.0, 56.0]
+    assert out["sp"][1] == [72.0, 73.0]
+    assert out["control"][0] == [0]
+    assert out["original"][2][0] == 80.0          # steps 25 and 45: the 20-60 window
+    recovery_main([str(tmp_path)])
+    assert "original" in capsys.readouterr().out
