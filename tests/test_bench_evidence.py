@@ -188,3 +188,10 @@ def test_recovery_table_pairs_seeds_and_finds_the_dip(tmp_path, capsys):
     assert out["original"][2][0] == 80.0          # steps 25 and 45: the 20-60 window
     recovery_main([str(tmp_path)])
     assert "original" in capsys.readouterr().out
+
+
+def test_epoch_time_times_each_iteration():
+    from benchmarks.epoch_time import time_model
+    from benchmarks.models import resnet20
+    ts = time_model(lambda: resnet20(width=0.25), batch=4, iters=2, warmup=1)
+    assert len(ts) == 2 and all(t > 0 for t in ts)
