@@ -9,17 +9,14 @@ top-1 over steps 20-60 after it (the probe: a fixed 1,000-image test subset).
 from __future__ import annotations
 
 import argparse
-import glob
-import json
-import os
+
+from benchmarks.experiment import load_results
 
 
 def recovery(folder: str) -> dict:
     """``{method: (seeds, [min within 13 steps per event], [mean of 20-60 per event])}``."""
     runs: dict = {}
-    for path in glob.glob(os.path.join(folder, "*", "result.json")):
-        with open(path) as f:
-            r = json.load(f)
+    for r in load_results(folder):
         runs.setdefault(r["method"], {})[r["seed"]] = r
     paired = sorted(set(runs.get("original", {})) & set(runs.get("sp", {})))
     out = {}

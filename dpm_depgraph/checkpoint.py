@@ -9,9 +9,7 @@ from __future__ import annotations
 import copy
 
 from ._slices import apply_removal, root_size
-from .attention import (group_units, kv_layers_to_skip, sync_attention_attributes,
-                        sync_model_attributes, whole_units)
-from .hf_config import sync_hf_config
+from .attention import group_units, kv_layers_to_skip, whole_units
 
 __all__ = ["STATE_VERSION", "pruner_state", "load_pruner_state"]
 
@@ -55,9 +53,7 @@ def _replay_removals(pruner, history: list, names: list) -> None:
         if name is not None:
             pruner._after_removal(name, full, heads)
             pruner._sync_heads()
-    sync_attention_attributes(pruner._attention, pruner._heads)
-    sync_model_attributes(pruner.model)
-    sync_hf_config(pruner.model)
+    pruner._sync_model_attributes()
     for name in list(pruner.engine.groups()):
         pruner.engine.remove_group(name)
     for name in names:

@@ -127,6 +127,7 @@ class DecayPrunerMixin:
         self._removed_cbs: list[Callable] = []
         self.removed: dict[str, int] = {}
         self.removals = 0
+        self._config_warned: set = set()   # model.config fields already warned about
         self._register_groups()
         warn_output_pruned(self)
         if not self._roots:
@@ -244,6 +245,13 @@ class DecayPrunerMixin:
             self.num_heads[layer] = heads
             if layer in self.out_channel_groups:
                 self.out_channel_groups[layer] = heads
+
+    def _sync_model_attributes(self) -> None:
+        """After physical removals: the attention modules' head attributes, the model's
+        own attributes and a Hugging Face ``model.config`` follow the pruned layers."""
+        sync_attention_attributes(self._attention, self._heads)
+        sync_model_attributes(self.model)
+        sync_hf_config(self.model, warned=self._config_warned)
 
     def _dead(self, name: str) -> torch.Tensor:
         st = self.engine.state(name)
@@ -487,9 +495,7 @@ class DecayPrunerMixin:
                                       self.optimizer, self._probe_cache, skip=skip)
             self._after_removal(name, full, heads)
         self._sync_heads()
-        sync_attention_attributes(self._attention, self._heads)
-        sync_model_attributes(self.model)
-        sync_hf_config(self.model, warned=self.__dict__.setdefault("_config_warned", set()))
+        self._sync_model_attributes()
         changed = {id(old) for old, _ in replaced}
         for name in list(self.engine.groups()):
             if name in plan:
