@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--model", default="resnet20", help=f"model: {', '.join(MODEL_NAMES)}")
     pt.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated pre-training seeds")
     pt.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default: the recipe's, 50)")
+    pt.add_argument("--cycle-epochs", type=_positive_int, default=None,
+                    help="restart the cosine schedule every this many epochs (SGDR); default: no restart")
     pt.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="forward-pass precision")
     pt.add_argument("--out", default=None, help="checkpoint folder (default: benchmarks/checkpoints)")
     pt.add_argument("--work-dir", default="results/pretrain-work", help="resumable training state")
@@ -589,7 +591,7 @@ def cmd_pretrain(args) -> int:
     out = Path(args.out) if args.out else checkpoint_dir()
     for seed in args.seeds:
         pretrain_dense(args.model, ds, seed, out, Path(args.work_dir), epochs=args.epochs or RECIPE["epochs"],
-                       precision=args.precision, device=args.device, log=_say)
+                       cycle_epochs=args.cycle_epochs, precision=args.precision, device=args.device, log=_say)
     return 0
 
 

@@ -27,7 +27,11 @@ released and the work stays the same from step to step).
 
 A third variant, the control, attaches an engine over the same groups with nothing
 decaying: its ratio to the plain run shows the noise floor of the end-to-end figures.
-Each round runs the variants back to back, in an order rotated from round to round.
+A fourth, "torch SGD", is the engine with ``fuse_sgd = False``: by default the engine runs
+SGD's update of its large streaming tensors itself, a chunk of rows at a time inside the
+norm pass (``dpm_core.fused_sgd``; exactly torch's formula), and this variant shows the
+cost of the decay on top of torch's own SGD step instead. Each round runs the variants
+back to back, in an order rotated from round to round.
 
 Prints median seconds per iteration and their ratio, the median (and quartiles) of the
 per-round ratios (robust to slow changes of the machine's load), the control's, the
@@ -143,7 +147,8 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
 
 def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None = None,
         seed: int = 0, control: bool = True, capture: bool = False, model: str = "resnet56",
-        image_size: int | None = None, device: str = "cpu", t_len: float = 1e9) -> dict:
+        image_size: int | None = None, device: str = "cpu", t_len: float = 1e9,
+        unfused: bool = True) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -168,6 +173,12 @@ def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None 
     # the control: the same groups, attached, nothing decaying (hooks run, do no work)
     idle = DecayEngine(cfg)
     grouper(model, idle)
+    # the same decay with every update left to torch's SGD step
+    plain_sgd = DecayEngine(cfg)
+    plain_sgd.fuse_sgd = False
+    grouper(model, plain_sgd)
+    for name in plain_sgd.groups():
+        plain_sgd.mark(name, list(range(0, plain_sgd.num_channels(name), 2)))
     x = torch.randn(batch, 3, size, size, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
 
@@ -231,15 +242,23 @@ def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None 
     gc.collect()
     rss_engine = _rss_mb()
     peak1 = _peak_mb()
-    variants = ["without", "with"] + (["control"] if control else [])
+    if unfused:  # its first steps outside the timing, like the fused engine's above
+        handles = attached(plain_sgd)
+        for _ in range(mem_steps):
+            iteration(plain_sgd)
+        for h in handles:
+            h.remove()
+    variants = ["without", "with"] + (["control"] if control else []) + \
+        (["unfused"] if unfused else [])
     times: dict[str, list[float]] = {v: [] for v in variants}
     steps: dict[str, list[float]] = {v: [] for v in variants}
     hooks: list[float] = []
+    hooks_unfused: list[float] = []
     for i in range(iters):
         # rotate the order every round so no variant always runs first or last
         k = i % len(variants)
         for v in variants[k:] + variants[:k]:
-            eng = {"with": engine, "control": idle}.get(v)
+            eng = {"with": engine, "control": idle, "unfused": plain_sgd}.get(v)
             handles = attached(eng)
             hook_time[0] = 0.0
             whole, step = iteration(eng)
@@ -247,6 +266,8 @@ def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None 
             steps[v].append(step)
             if v == "with":
                 hooks.append(hook_time[0])
+            elif v == "unfused":
+                hooks_unfused.append(hook_time[0])
             for h in handles:
                 h.remove()
     t0, t1, th = (statistics.median(times["without"]), statistics.median(times["with"]),
@@ -268,11 +289,22 @@ def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None 
          "fwdbwd_sec_without": fb0, "fwdbwd_sec_with": fb1, "fwdbwd_ratio": fb1 / fb0,
          "sec_without": t0, "sec_with": t1, "ratio": t1 / t0,
          "paired_ratio": statistics.median(paired), "paired_iqr": _quartiles(paired),
-         "hook_sec": th, "hook_share": th / t0}
+         "hook_sec": th, "hook_share": th / t0,
+         # large tensors on the streaming path: the engine runs SGD's update of them
+         "streaming_tensors": sum(t.dense for lay in engine._layout_cache.values()
+                                  for t in lay.sliced)}
     if control:
         pc = [c / wo for c, wo in zip(times["control"], times["without"])]
         r.update(sec_control=statistics.median(times["control"]),
                  control_paired_ratio=statistics.median(pc), control_paired_iqr=_quartiles(pc))
+    if unfused:
+        pu = [u / wo for u, wo in zip(times["unfused"], times["without"])]
+        su = statistics.median(steps["unfused"])
+        hu = statistics.median(hooks_unfused)
+        r.update(sec_unfused=statistics.median(times["unfused"]),
+                 unfused_paired_ratio=statistics.median(pu), unfused_paired_iqr=_quartiles(pu),
+                 step_sec_unfused=su, step_share_unfused=(su - s0) / t0,
+                 hook_sec_unfused=hu, hook_share_unfused=hu / t0)
     return r
 
 
@@ -293,6 +325,9 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--capture-clean-grads", dest="capture", action="store_true",
                     help="call engine.capture_clean_grads() before every step (as the decay "
                          "pruners' regularize() does); its time counts in the step's")
+    ap.add_argument("--no-unfused", dest="unfused", action="store_false",
+                    help="skip the variant with every update left to torch's SGD "
+                         "(engine.fuse_sgd = False)")
     ap.add_argument("--t-len", type=float, default=1e9,
                     help="T_len of the engine (default 1e9: no channel can be released, so "
                          "Self-Rectifying reads nothing; 0: every decaying channel passes "
@@ -305,7 +340,7 @@ def _report(args) -> dict:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     r = run(args.batch, args.iters, args.warmup, args.threads, control=args.control,
             capture=args.capture, model=args.model, image_size=args.image_size,
-            device=args.device, t_len=args.t_len)
+            device=args.device, t_len=args.t_len, unfused=args.unfused)
     print(f"{r['model']} ({r['image_size']}x{r['image_size']}, {r['device']}), "
           f"batch {r['batch']}, {r['threads']} threads, {r['groups']} groups, "
           f"{r['decaying']}/{r['channels']} channels decaying, {r['iters']} rounds"
@@ -330,7 +365,16 @@ def _report(args) -> dict:
     print(f"forward + backward, median: {r['fwdbwd_sec_without']:.4f} s without, "
           f"{r['fwdbwd_sec_with']:.4f} s with (ratio {r['fwdbwd_ratio']:.4f})")
     print(f"engine hooks alone: {r['hook_sec'] * 1000:.2f} ms/step = "
-          f"{r['hook_share'] * 100:.2f}% of an iteration")
+          f"{r['hook_share'] * 100:.2f}% of an iteration"
+          + (" (they include SGD's update of the large tensors the engine took over)"
+             if r["streaming_tensors"] else ""))
+    if "unfused_paired_ratio" in r:
+        lo, hi = r["unfused_paired_iqr"]
+        print(f"with every update left to torch's SGD (fuse_sgd=False), paired: "
+              f"{r['unfused_paired_ratio']:.4f}  ({(r['unfused_paired_ratio'] - 1) * 100:+.2f}%)"
+              f"  quartiles {lo:.4f}-{hi:.4f}; step {r['step_sec_unfused'] * 1000:.2f} ms "
+              f"(+{r['step_share_unfused'] * 100:.2f}% of an iteration), hooks "
+              f"{r['hook_sec_unfused'] * 1000:.2f} ms")
     print(f"extra resident memory after the first decaying steps: "
           f"{r['extra_rss_mb']:.0f} MB (peak RSS grew by {r['peak_growth_mb']:.0f} MB; "
           f"plain steps moved RSS by {r['rss_plain_drift_mb']:+.0f} MB; "

@@ -10,6 +10,11 @@ under bfloat16 autocast in ``channels_last`` layout (weights, gradients and opti
 float32); on a CPU with AMX this is about 1.8x faster than float32 (measured: 0.118 vs 0.213 s per
 batch of 128 for ResNet-20 on 2 threads). Evaluation runs in float32 on the full test set.
 
+``cycle_epochs`` restarts the cosine schedule (with its warm-up epoch) every that many epochs
+(SGDR, Loshchilov & Hutter 2017): ``--epochs 100 --cycle-epochs 50`` is the 50-epoch recipe run
+twice in a row, so its first 50 epochs are exactly the 50-epoch run, and a finished 50-epoch
+training state continues into the second cycle instead of starting again.
+
 Runs are resumable: the full training state (model, optimizer, data order generator, log) is
 written after every epoch to ``--work-dir``, and a rerun with the same arguments continues from
 the last finished epoch. The finished checkpoint (float32 ``state_dict``), its SHA-256 and the
@@ -81,7 +86,8 @@ def load_checkpoint(model: str, dataset: str, seed: int, ckpt_dir: Optional[Path
 
 
 def pretrain_dense(model_name: str, ds: Dataset, seed: int, out_dir: Path, work_dir: Path, *,
-                   epochs: int = RECIPE["epochs"], precision: str = "bf16", device: str = "cpu",
+                   epochs: int = RECIPE["epochs"], cycle_epochs: Optional[int] = None,
+                   precision: str = "bf16", device: str = "cpu",
                    log: Callable[[str], None] = print) -> dict:
     """Train ``model_name`` densely on ``ds`` with :data:`RECIPE`, resuming from ``work_dir``;
     write ``out_dir/<stem>.pt`` and ``<stem>.json``. Returns the JSON record."""
@@ -89,6 +95,9 @@ def pretrain_dense(model_name: str, ds: Dataset, seed: int, out_dir: Path, work_
     stem = checkpoint_stem(model_name, ds.name, seed)
     state_path = work_dir / f"{stem}.state.pt"
     r = RECIPE
+    cycle_epochs = cycle_epochs or epochs
+    if cycle_epochs > epochs:
+        raise ValueError(f"cycle_epochs={cycle_epochs} is longer than epochs={epochs}; pass at most epochs")
     set_seed(seed)
     model = get_model(model_name, num_classes=ds.num_classes, in_channels=ds.in_channels).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -97,13 +106,16 @@ def pretrain_dense(model_name: str, ds: Dataset, seed: int, out_dir: Path, work_
     train, test = make_loaders(ds, r["batch_size"], test_batch_size=1000, seed=seed, device=device,
                                channels_last=True)
     steps_per_epoch = len(train)
-    total, warmup = epochs * steps_per_epoch, r["warmup_epochs"] * steps_per_epoch
+    cycle, warmup = cycle_epochs * steps_per_epoch, r["warmup_epochs"] * steps_per_epoch
     epoch_log, start_epoch, train_seconds = [], 0, 0.0
     if state_path.is_file():
         st = torch.load(state_path, map_location=device, weights_only=False)
-        if st["epochs"] != epochs or st["precision"] != precision:
-            raise ValueError(f"{state_path} was made with epochs={st['epochs']}, precision="
-                             f"{st['precision']}; delete it or pass the same settings")
+        st_cycle = st.get("cycle_epochs", st["epochs"])
+        if st_cycle != cycle_epochs or st["precision"] != precision or st["epoch"] > epochs:
+            raise ValueError(f"{state_path} was made with cycle_epochs={st_cycle}, precision="
+                             f"{st['precision']} and has {st['epoch']} epochs done; delete it or pass "
+                             f"settings it is a prefix of (same cycle length and precision, at least "
+                             f"as many epochs)")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         train.generator.set_state(st["generator"])
@@ -114,7 +126,7 @@ def pretrain_dense(model_name: str, ds: Dataset, seed: int, out_dir: Path, work_
         t0 = time.time()
         seen, correct, loss_sum = 0, 0, 0.0
         for i, (x, y) in enumerate(train):
-            set_lr(opt, cosine_lr(r["lr"], epoch * steps_per_epoch + i, total, warmup))
+            set_lr(opt, cosine_lr(r["lr"], (epoch % cycle_epochs) * steps_per_epoch + i, cycle, warmup))
             with training(precision), forward_precision(model):
                 out = model(x)
             loss = F.cross_entropy(out.float(), y)
@@ -134,7 +146,7 @@ def pretrain_dense(model_name: str, ds: Dataset, seed: int, out_dir: Path, work_
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "generator": train.generator.get_state(), "log": epoch_log, "epoch": epoch + 1,
-                    "epochs": epochs, "precision": precision, "train_seconds": train_seconds}, tmp)
+                    "epochs": epochs, "cycle_epochs": cycle_epochs, "precision": precision, "train_seconds": train_seconds}, tmp)
         os.replace(tmp, state_path)
         log(f"  {stem} epoch {epoch + 1}/{epochs}: train {rec['train_acc']:.2f}% loss "
             f"{rec['train_loss']:.3f}, test {acc:.2f}% ({secs:.0f} s)")
@@ -144,7 +156,9 @@ def pretrain_dense(model_name: str, ds: Dataset, seed: int, out_dir: Path, work_
     torch.save(plain, path)
     record = {"model": model_name, "dataset": ds.name, "data_source": ds.source, "seed": seed,
               "train_size": len(ds.train_labels), "test_size": len(ds.test_labels),
-              "recipe": dict(r, epochs=epochs), "precision": precision,
+              "recipe": dict(r, epochs=epochs, **({} if cycle_epochs == epochs else {
+                  "cycle_epochs": cycle_epochs,
+                  "schedule": f"cosine per step, restarted every {cycle_epochs} epochs (SGDR)"})), "precision": precision,
               "top1": epoch_log[-1]["test_acc"], "test_loss": epoch_log[-1]["test_loss"],
               "train_seconds": train_seconds, "sha256": sha256_file(path),
               "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -83,6 +83,15 @@ Other rules
   channels whose ``C_len`` passes ``t_len`` holds ``x``. ``C_len`` reads every channel's
   gradient of the decaying groups (Eq. 5's mean is over all M channels), without
   copying it.
+* With a plain ``torch.optim.SGD`` (and ``fuse_sgd``, the default), the optimizer's
+  update of a large tensor on the streaming path runs inside the engine's norm pass, a
+  chunk of rows at a time (:mod:`dpm_core.fused_sgd`): the pre-hook takes ``.grad`` off
+  the tensor so that SGD skips it, the post-hook applies torch's own formula to each
+  chunk right before reading it, and ``.grad`` is given back. ``x~``, the momentum
+  buffers and ``.grad`` are those of torch's step; only the memory passes are fewer.
+  Tensors holding zeroed channels (which must be filled with 0 after the update and
+  before any norm), other optimizers, ``step(closure)`` and a first step without momentum
+  buffer keep torch's update.
 
 Shared elements
 ---------------
@@ -282,6 +291,10 @@ class DecayEngine:
     # (DENSE_MIN_FRACTION, MAX_CELL_SHARE) of dpm_core.sliced; None: those defaults.
     # Tests set it to force the gather or the streaming path on tiny tensors.
     _streaming: tuple[float, float] | None = None
+    #: run ``torch.optim.SGD``'s update of large streaming tensors inside the decay's norm
+    #: pass (exactly torch's formula, a chunk of rows at a time: :mod:`dpm_core.fused_sgd`);
+    #: False leaves every update to the optimizer
+    fuse_sgd: bool = True
 
     def __init__(self, config: DecayConfig | None = None):
         if config is None:
@@ -711,6 +724,14 @@ class DecayEngine:
 
     @torch.no_grad()
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        # a step that raised after the last pre-hook never reached the post-hook: give
+        # back the gradients it deferred (its update did not happen, as with torch alone)
+        for layout in self._step_layouts:
+            for t in layout.sliced:
+                if t.deferred is not None:
+                    if t.param.grad is None:
+                        t.param.grad = t.deferred.grad
+                    t.deferred = None
         self._pending = {}
         self._step_layouts = []
         clean = self._clean
@@ -755,6 +776,12 @@ class DecayEngine:
             self._snapped[id(layout)] = need
             for g in layout.groups:
                 self._pending[g.name] = (g.decaying.clone(), gnorms.get(g.name))
+        if self.fuse_sgd:
+            # last, once nothing else reads .grad: the fused updates take it off
+            blocked = {id(s.param) for g in self._groups.values() if g.n_zeroed
+                       for s in g.slices}
+            for layout in self._step_layouts:
+                layout.defer_updates(optimizer, args, kwargs, blocked)
 
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:
@@ -763,21 +790,26 @@ class DecayEngine:
         # zeroed channels first: their elements are exact zeros before anything is
         # measured, so a decaying channel sharing elements with them sees them as 0
         for g in self._active():
-            g.write_zeros()
-        for layout in self._step_layouts:
-            # groups whose slices changed (or that were removed) between the hooks are
-            # left out of this step: their snapshot no longer matches their tensors
-            pend = [self._pending.get(g.name) if self._groups.get(g.name) is g else None
-                    for g in layout.groups]
-            if not any(p is not None for p in pend):
-                continue
-            # every group is measured before any is scaled, so groups sharing a tensor
-            # all see x~
-            need = self._snapped.get(id(layout))
-            norms = layout.measure(with_old=need is not None)
-            r, z = self._decay(layout, pend, norms, need)
-            released_total += r
-            zeroed_total += z
+            g.write_zeros()  # (tensors with zeroed channels never defer their update)
+        try:
+            for layout in self._step_layouts:
+                # groups whose slices changed (or that were removed) between the hooks are
+                # left out of this step: their snapshot no longer matches their tensors
+                pend = [self._pending.get(g.name) if self._groups.get(g.name) is g else None
+                        for g in layout.groups]
+                if not any(p is not None for p in pend):
+                    continue
+                # every group is measured before any is scaled, so groups sharing a tensor
+                # all see x~ (measure also runs the deferred optimizer updates)
+                need = self._snapped.get(id(layout))
+                norms = layout.measure(with_old=need is not None)
+                r, z = self._decay(layout, pend, norms, need)
+                released_total += r
+                zeroed_total += z
+        finally:
+            # every deferred update happens and every .grad comes back, whatever happened
+            for layout in self._step_layouts:
+                layout.finish_updates()
         self._pending = {}
         self._step_layouts = []
         self._snapped = {}

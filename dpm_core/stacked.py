@@ -253,6 +253,26 @@ class StackedLayout:
         for t in self.sliced:
             t.set_regions(decaying, snap)
 
+    def defer_updates(self, optimizer, args: tuple, kwargs: dict, blocked: set) -> None:
+        """Let the sliced tensors on the streaming path run ``optimizer``'s update of
+        themselves inside :meth:`measure` (:mod:`dpm_core.fused_sgd`), except those in
+        ``blocked`` (ids of tensors holding zeroed channels, which must be zero-filled
+        after the update and before any norm is read)."""
+        for t in self.sliced:
+            if id(t.param) not in blocked:
+                t.defer_update(optimizer, args, kwargs)
+
+    def finish_updates(self) -> None:
+        """Finish every deferred update and give the gradients back (post-hook, always)."""
+        err = None
+        for t in self.sliced:
+            try:
+                t.finish_update()
+            except Exception as e:  # finish the others: no tensor may be left without .grad
+                err = err or e
+        if err is not None:
+            raise err
+
     # ---------------------------------------------------------------- kernels
     @torch.no_grad()
     def grad_sq_norms(self, keep: bool = False) -> torch.Tensor:
