@@ -59,6 +59,25 @@ def test_pretrain_resume_is_bit_exact_and_checksummed(synthetic, tmp_path):
                        log=lambda m: None)
 
 
+def test_pretrain_warm_restart_continues_a_finished_cycle(synthetic, tmp_path):
+    # --epochs 2 --cycle-epochs 1: the 1-epoch recipe twice; a finished 1-epoch state goes
+    # on into the second cycle and ends exactly where the straight two-cycle run ends
+    straight = pretrain_dense("small_cnn", synthetic, 0, tmp_path / "a", tmp_path / "wa",
+                              epochs=2, cycle_epochs=1, log=lambda m: None)
+    first = pretrain_dense("small_cnn", synthetic, 0, tmp_path / "b", tmp_path / "wb", epochs=1,
+                           log=lambda m: None)
+    assert first["log"][0] == straight["log"][0] | {"epoch_time_s": first["log"][0]["epoch_time_s"]}
+    msgs = []
+    resumed = pretrain_dense("small_cnn", synthetic, 0, tmp_path / "b", tmp_path / "wb",
+                             epochs=2, cycle_epochs=1, log=msgs.append)
+    assert any("resuming after epoch 1/2" in m for m in msgs)
+    assert resumed["sha256"] == straight["sha256"]
+    assert resumed["recipe"]["cycle_epochs"] == 1 and "SGDR" in resumed["recipe"]["schedule"]
+    with pytest.raises(ValueError, match="cycle_epochs=3 is longer"):
+        pretrain_dense("small_cnn", synthetic, 0, tmp_path / "c", tmp_path / "wc", epochs=2,
+                       cycle_epochs=3, log=lambda m: None)
+
+
 def test_control_is_one_step_decay_without_sr():
     cfg = ex.RunConfig(steps=5, t_rate=0.3, t_len=0.8)
     control = decay_config("control", cfg)
