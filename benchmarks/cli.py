@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (default: first "
                                                                  "profile seed)")
     s.add_argument("--with-sr", action="store_true", help="also run +SR for every N")
+    s.add_argument("--resume", action="store_true",
+                   help="skip runs whose result.json exists under --out and runs another sweep-n "
+                        "process is running (several processes can share one --out)")
 
     pl = sub.add_parser("plot", formatter_class=HelpFormatter,
                         help="Figure 5 / Figure 4 style PNGs from a results folder",
@@ -415,6 +418,24 @@ def _claim(run_dir: Path) -> bool:
     return False
 
 
+def _resumable(args, run_dir: Path, label: str, run):
+    """``run()`` (which writes ``run_dir/result.json`` and returns its record), except with
+    ``--resume``: a finished run's record is read back, and a run another live process has
+    claimed is skipped (None)."""
+    if args.resume and (run_dir / "result.json").is_file():
+        _say(f"  {label}: done already ({run_dir}/result.json)")
+        with open(run_dir / "result.json") as f:
+            return json.load(f)
+    if args.resume and not _claim(run_dir):
+        _say(f"  {label}: another process is running it, skipped")
+        return None
+    try:
+        return run()
+    finally:
+        if args.resume:
+            (run_dir / "running.lock").unlink(missing_ok=True)
+
+
 def cmd_compare(args) -> int:
     if args.summarize:
         if not args.out:
@@ -436,27 +457,21 @@ def cmd_compare(args) -> int:
              f"T_rate={cfg0.t_rate}, T_len={cfg0.t_len}, seeds {seeds}, methods {methods}")
         for seed in seeds:
             cfg_s = ex.dataclasses.replace(cfg0, seed=seed)
-            dense = None
+            dense = []
             for method in methods:
                 run_dir = out / setting / f"{method}-s{seed}"
-                if args.resume and (run_dir / "result.json").is_file():
-                    with open(run_dir / "result.json") as f:
-                        records.append(json.load(f))
-                    _say(f"  {setting} {method} seed {seed}: done already ({run_dir}/result.json)")
-                    continue
-                if args.resume and not _claim(run_dir):
-                    _say(f"  {setting} {method} seed {seed}: another process is running it, skipped")
-                    continue
-                try:
-                    if dense is None:
-                        dense = ex.pretrained_model(cfg_s, ds, cache, progress=_progress(args), log=_say)
-                    model, plog, psecs = dense
+
+                def run(method=method, run_dir=run_dir):
+                    if not dense:
+                        dense.append(ex.pretrained_model(cfg_s, ds, cache, progress=_progress(args),
+                                                         log=_say))
+                    model, plog, psecs = dense[0]
                     cfg = ex.dataclasses.replace(cfg_s, method=method)
-                    records.append(ex.run_one(cfg, ds, run_dir, dense_model=model, pretrain_log=plog,
-                                              pretrain_seconds=psecs, progress=_progress(args), log=_say))
-                finally:
-                    if args.resume:
-                        (run_dir / "running.lock").unlink(missing_ok=True)
+                    return ex.run_one(cfg, ds, run_dir, dense_model=model, pretrain_log=plog,
+                                      pretrain_seconds=psecs, progress=_progress(args), log=_say)
+                rec = _resumable(args, run_dir, f"{setting} {method} seed {seed}", run)
+                if rec is not None:
+                    records.append(rec)
     table, summary = ex.compare_table(records)
     (out / "table.md").write_text(table + "\n")
     _write_json(out / "summary.json", {"command": " ".join(sys.argv), "profile": args.profile,
@@ -482,21 +497,29 @@ def cmd_sweep(args) -> int:
         seeds = list(args.seeds) if args.seeds else _seeds(args, data)[:1]
         methods = ["sp", "sr"] if args.with_sr else ["sp"]
         _say(f"{fw}: sweep N over {ns}, methods {methods} + original, seeds {seeds}")
+        from .runners.base import progress_bar
+
         for seed in seeds:
             cfg_s = ex.dataclasses.replace(cfg0, seed=seed)
-            model, plog, psecs = ex.pretrained_model(cfg_s, ds, cache, progress=_progress(args), log=_say)
             setting = ex.setting_name(cfg_s)
-            ex.run_one(ex.dataclasses.replace(cfg_s, method="original"), ds, out / setting / f"original-s{seed}",
-                       dense_model=model, pretrain_log=plog, pretrain_seconds=psecs,
-                       progress=_progress(args), extra={"sweep": True}, log=_say)
-            from .runners.base import progress_bar
+            dense = []
 
+            def run(cfg, run_dir):
+                if not dense:
+                    dense.append(ex.pretrained_model(cfg_s, ds, cache, progress=_progress(args), log=_say))
+                model, plog, psecs = dense[0]
+                return ex.run_one(cfg, ds, run_dir, dense_model=model, pretrain_log=plog,
+                                  pretrain_seconds=psecs, progress=_progress(args),
+                                  extra={"sweep": True}, log=_say)
+            run_dir = out / setting / f"original-s{seed}"
+            _resumable(args, run_dir, f"{setting} original seed {seed}",
+                       lambda: run(ex.dataclasses.replace(cfg_s, method="original"), run_dir))
             for n in progress_bar(ns, desc=f"{fw} N sweep", enabled=_progress(args), leave=True):
                 for method in methods:
                     cfg = ex.dataclasses.replace(cfg_s, method=method, steps=int(n))
-                    ex.run_one(cfg, ds, out / setting / f"{method}-N{n}-s{seed}", dense_model=model, pretrain_log=plog,
-                            pretrain_seconds=psecs, progress=_progress(args),
-                            extra={"sweep": True}, log=_say)
+                    run_dir = out / setting / f"{method}-N{n}-s{seed}"
+                    _resumable(args, run_dir, f"{setting} {method} N={n} seed {seed}",
+                               lambda: run(cfg, run_dir))
     _say(f"results: {out}; draw Figure 4 with: dpm-bench plot {out}")
     return 0
 

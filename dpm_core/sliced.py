@@ -230,7 +230,7 @@ class SlicedTensor:
         row = src.numel() // n0
         # with an optimizer update per chunk, larger chunks (fewer calls; the update's
         # three tensors still stay in cache)
-        per = max(1, STREAM_CHUNK * (FUSED_CHUNK_FACTOR if before else 1) // max(1, row))
+        per = max(1, int(STREAM_CHUNK * (FUSED_CHUNK_FACTOR if before else 1)) // max(1, row))
         keep = self.spec_dims
         along_rows = 0 in keep
         if along_rows:

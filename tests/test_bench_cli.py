@@ -144,6 +144,14 @@ def test_sweep_n_and_plot(compare_dir, tmp_path):
     assert steps == [2, 4]
     assert main(["plot", str(sweep)]) == 0
     assert list(sweep.glob("fig4_*.png"))
+    # --resume: every finished run is read back, nothing runs again; a deleted one reruns
+    stamps = {p: p.stat().st_mtime_ns for p in sweep.rglob("result.json")}
+    victim = next(p for p in stamps if "N4" in str(p))
+    victim.unlink()
+    rc = main(["sweep-n", "--framework", fw, "--ns", "2,4", "--seeds", "0", "--out", str(sweep),
+               "--cache-dir", str(out / "cache"), "--resume"] + SMOKE)
+    assert rc == 0 and victim.is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != victim)
     assert main(["plot", str(out), "--out", str(tmp_path / "figs")]) == 0
     pngs = list((tmp_path / "figs").glob("fig5_*.png"))
     assert pngs and pngs[0].stat().st_size > 1000
