@@ -253,13 +253,15 @@ class StackedLayout:
         for t in self.sliced:
             t.set_regions(decaying, snap)
 
-    def defer_updates(self, optimizer, args: tuple, kwargs: dict, blocked: set) -> None:
-        """Let the sliced tensors on the streaming path run ``optimizer``'s update of
-        themselves inside :meth:`measure` (:mod:`dpm_core.fused_sgd`), except those in
-        ``blocked`` (ids of tensors holding zeroed channels, which must be zero-filled
-        after the update and before any norm is read)."""
+    def defer_updates(self, optimizer, args: tuple, kwargs: dict, blocked: set,
+                      min_numel: int = 0) -> None:
+        """Let the sliced tensors of at least ``min_numel`` elements on the streaming path
+        run ``optimizer``'s update of themselves inside :meth:`measure`
+        (:mod:`dpm_core.fused_sgd`), except those in ``blocked`` (ids of tensors holding
+        zeroed channels, which must be zero-filled after the update and before any norm
+        is read)."""
         for t in self.sliced:
-            if id(t.param) not in blocked:
+            if id(t.param) not in blocked and t.param.numel() >= min_numel:
                 t.defer_update(optimizer, args, kwargs)
 
     def finish_updates(self) -> None:

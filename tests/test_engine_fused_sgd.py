@@ -32,6 +32,7 @@ def _setup(fuse, sr, opt_fn, seed=3):
     opt = opt_fn([A, B, C])
     eng = DecayEngine(DecayConfig(steps=5, self_rectify=sr, t_rate=0.3, t_len=0.0))
     eng.fuse_sgd = fuse
+    eng.fuse_sgd_min_numel = 0
     eng.sliced_min_numel = 0
     eng._streaming = (0.0, 1.0)
     eng.add_group("a", [(A, 0), (B, 1, torch.arange(24).view(6, 4))])
@@ -165,6 +166,23 @@ def test_a_step_that_raises_gives_the_gradients_back():
     assert all(p.grad is g for p, g in zip(ps, grads))
     assert not all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
     assert eng.state("a").n_step.tolist()[:2] == [2, 2]
+
+
+def test_tensors_below_the_size_threshold_keep_torchs_update(monkeypatch):
+    deferred = []
+    real = fused_sgd.DeferredSGD.__init__
+    monkeypatch.setattr(fused_sgd.DeferredSGD, "__init__",
+                        lambda self, param, hp: (deferred.append(tuple(param.shape)),
+                                                 real(self, param, hp))[1])
+    ps, opt, eng = _setup(True, False, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    eng.fuse_sgd_min_numel = ps[1].numel()  # B only (8 x 24); A (6 x 5) and C (3 x 8) are smaller
+    eng.mark("a", [0, 1])
+    eng.mark("b", [2])
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert deferred and set(deferred) == {tuple(ps[1].shape)}
 
 
 def test_sgd_hyperparameters_reads_group_and_state():
