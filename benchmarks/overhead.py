@@ -290,9 +290,9 @@ def run(batch: int = 128, iters: int = 15, warmup: int = 2, threads: int | None 
          "sec_without": t0, "sec_with": t1, "ratio": t1 / t0,
          "paired_ratio": statistics.median(paired), "paired_iqr": _quartiles(paired),
          "hook_sec": th, "hook_share": th / t0,
-         # large tensors on the streaming path: the engine runs SGD's update of them
-         "streaming_tensors": sum(t.dense for lay in engine._layout_cache.values()
-                                  for t in lay.sliced)}
+         # tensors whose SGD update the engine runs itself (dpm_core.fused_sgd)
+         "fused_tensors": sum(t.dense and t.param.numel() >= engine.fuse_sgd_min_numel
+                              for lay in engine._layout_cache.values() for t in lay.sliced)}
     if control:
         pc = [c / wo for c, wo in zip(times["control"], times["without"])]
         r.update(sec_control=statistics.median(times["control"]),
@@ -367,7 +367,7 @@ def _report(args) -> dict:
     print(f"engine hooks alone: {r['hook_sec'] * 1000:.2f} ms/step = "
           f"{r['hook_share'] * 100:.2f}% of an iteration"
           + (" (they include SGD's update of the large tensors the engine took over)"
-             if r["streaming_tensors"] else ""))
+             if r["fused_tensors"] else ""))
     if "unfused_paired_ratio" in r:
         lo, hi = r["unfused_paired_iqr"]
         print(f"with every update left to torch's SGD (fuse_sgd=False), paired: "
