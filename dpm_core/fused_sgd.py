@@ -26,7 +26,10 @@ and the momentum buffer is the one in ``optimizer.state[x]``, updated in place, 
 subclass, not ``fused``, not ``differentiable``, no AMP ``grad_scale``), a step called
 without a closure, a dense gradient of the tensor's dtype and device, and a momentum
 buffer that exists already (torch creates it from the first gradient; that first step is
-left to torch). Anything else keeps torch's own step and the unfused decay, and so do
+left to torch). One visible difference remains: the deferred tensors are updated inside
+the engine's post-hook, so a step post-hook registered *before* the engine attached sees
+them not yet updated (hooks registered after it, and all code after ``step()``, see the
+finished step). Anything else keeps torch's own step and the unfused decay, and so do
 tensors below ``DecayEngine.fuse_sgd_min_numel`` elements: those stay in the last-level
 cache through torch's own step, and chunking their update gains nothing.
 """
