@@ -105,9 +105,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_common(p: argparse.ArgumentParser, framework_list: bool) -> None:
     p.add_argument("--profile", choices=sorted(ex.PROFILES), default="cpu",
-                   help="defaults for sizes and schedules: smoke (seconds, for tests), cpu (a CIFAR-10 "
-                        "subset and a short schedule for 2 CPU cores), paper (the paper's full schedules, "
-                        "for a GPU). Options given explicitly override the profile")
+                   help="defaults for sizes and schedules: smoke (seconds, for tests), quickstart (a small "
+                        "CNN, all frameworks in minutes), cpu (a CIFAR-10 subset and a short schedule "
+                        "for 2 CPU cores), cifar (the evidence protocol: full CIFAR-10, ResNet-20 from "
+                        "the committed dense checkpoints, benchmarks/RESULTS.md), paper (the paper's "
+                        "full schedules, for a GPU). Options given explicitly override the profile")
     if framework_list:
         p.add_argument("--framework", type=_frameworks, default=list(FRAMEWORKS),
                        help=f"comma-separated frameworks or 'all' (default: all): {', '.join(FRAMEWORKS)}")
@@ -215,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", formatter_class=HelpFormatter,
                        help="original vs +SP vs +SR over several seeds: mean ± std and paired differences",
-                       description="For each framework and seed: pre-train once, then run every method from "
+                       description="For each framework and seed: pre-train once (cifar profile: load the committed "
+                                   "dense checkpoint instead), then run every method from "
                                    "the same weights; prints and writes (table.md, summary.json) a paper-style "
                                    "table with mean ± std over seeds and paired differences.")
     _add_common(c, framework_list=True)
