@@ -11,6 +11,10 @@ The one-line change for an OTO training script::
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from . import compat
 
 compat.apply()
@@ -19,7 +23,25 @@ import only_train_once  # noqa: E402
 
 from .optim import DHSPG, dhspg  # noqa: E402
 
-__all__ = ["OTO"]
+__all__ = ["OTO", "contiguous_parameters"]
+
+
+@contextlib.contextmanager
+def contiguous_parameters(model):
+    """Within the block, every 4-D parameter of ``model`` stored ``channels_last`` is in the
+    default (contiguous) memory format; afterwards ``model`` is put back in ``channels_last``
+    (the pruned model included). Parameter objects stay the same (only ``.data`` moves)."""
+    nhwc = any(p.dim() == 4 and not p.is_contiguous()
+               and p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters())
+    if not nhwc:
+        yield
+        return
+    model.to(memory_format=torch.contiguous_format)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.channels_last)
 
 
 class OTO(only_train_once.OTO):
@@ -59,10 +81,16 @@ class OTO(only_train_once.OTO):
         parameter is recorded for :meth:`subnet_optimizer`, and an optimizer that still
         holds replaced parameters warns (:class:`~dpm_otov2.subnet.StaleOptimizerWarning`)
         when it is stepped.
+
+        A model trained in ``channels_last`` memory format works too: only-train-once
+        reshapes parameters with ``view``, which NHWC strides refuse, so the parameters are
+        made contiguous for the pruning (same tensors, same values) and the pruned model is
+        put back in ``channels_last``.
         """
         from .subnet import record_pruning
 
-        with compat.legacy_onnx_export(), record_pruning(self._model) as record:
+        with compat.legacy_onnx_export(), contiguous_parameters(self._model), \
+                record_pruning(self._model) as record:
             out = super().construct_subnet(*args, **kwargs)
         self._prune_record = record
         return out

@@ -97,6 +97,28 @@ def test_construct_subnet_torch_flops_params(tmp_path):
         torch.load(oto.compressed_model_path)
 
 
+def test_construct_subnet_channels_last(tmp_path):
+    # a model trained in channels_last (the benchmarks' cifar profile): only-train-once's
+    # view() refuses NHWC strides; the subnet must come out right and NHWC again
+    torch.manual_seed(0)
+    model = get_model("resnet20", width=0.25).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    oto = _quiet_oto(model, x[:1])
+    _zero_some_groups(oto, 0.5)
+    model.eval()
+    y = model(x)
+    n_dense = sum(p.numel() for p in model.parameters())
+    oto.construct_subnet(out_dir=str(tmp_path))
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)  # back in NHWC, not just contiguous
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * n_dense
+    sub = oto.compressed_model().eval()
+    assert sum(p.numel() for p in sub.parameters()) < 0.8 * n_dense
+    assert (sub(x) - y).abs().max().item() < 1e-4
+    assert (model(x) - y).abs().max().item() < 1e-4  # pruned in place, same function
+
+
 def test_construct_subnet_onnx(tmp_path):
     # shim "onnx_export": ckpt_format='onnx' uses the TorchScript exporter, only while exporting
     onnx = pytest.importorskip("onnx")
