@@ -47,7 +47,7 @@ from .attention import (attention_modules, group_units, head_dim_units, head_lay
                         heads_and_dims, kv_layers_to_skip, sync_attention_attributes,
                         sync_model_attributes, whole_units)
 from .checks import check_gqa_group
-from .tp_compat import torch_pruning_fixes
+from .tp_compat import keep_training_modes, torch_pruning_fixes
 from .attention import equal_heads_per_kv_head
 from .hf_config import sync_hf_config
 
@@ -96,8 +96,10 @@ class DecayPrunerMixin:
         decay = check_decay(owner, decay)
         check_model(owner, args, kwargs)
         check_ratios(owner, super().__init__, args, kwargs)
+        model = kwargs.get("model", args[0] if args else None)
         try:
-            with torch_pruning_fixes():   # HF LLaMA's rotary embedding (tp_compat.py)
+            # HF LLaMA's rotary embedding; Torch-Pruning's model.eval() (tp_compat.py)
+            with torch_pruning_fixes(), keep_training_modes(model):
                 super().__init__(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
             err = trace_error(owner, e)

@@ -42,7 +42,8 @@ import contextlib
 import torch
 from torch_pruning.dependency.graph import DependencyGraph
 
-__all__ = ["negative_dims_wrap", "resolve_negative_cat_dims", "torch_pruning_fixes"]
+__all__ = ["keep_training_modes", "negative_dims_wrap", "resolve_negative_cat_dims",
+           "torch_pruning_fixes"]
 
 _WRAP = 1 << 63
 
@@ -118,3 +119,22 @@ def torch_pruning_fixes():
         yield
     finally:
         DependencyGraph._trace = original
+
+
+@contextlib.contextmanager
+def keep_training_modes(model: torch.nn.Module):
+    """Give every submodule of ``model`` back its ``training`` flag on exit.
+
+    Torch-Pruning's ``DependencyGraph.build_dependency`` calls ``model.eval()`` to trace the
+    model and leaves it there. A plain Torch-Pruning script prunes first and calls
+    ``model.train()`` before fine-tuning, but a decay pruner is built before (or during)
+    training, and a loop that sets the mode once, before the pruner, would go on training
+    with BatchNorm's running statistics and dropout frozen, silently. The decay pruners
+    therefore leave each module in the mode it had.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

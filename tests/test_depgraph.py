@@ -332,6 +332,28 @@ def test_bn_scale_pruner_end_to_end():
     assert [model.features[i].num_features for i in (1, 4, 7)] == [8, 16, 32]
 
 
+@pytest.mark.parametrize("cls", [DecayMetaPruner, DecayGroupNormPruner, DecayBNScalePruner])
+def test_building_the_pruner_keeps_each_module_training_mode(cls):
+    """Torch-Pruning's graph build calls model.eval(); a decay pruner is built before
+    training, so it gives every module its mode back (BN would train frozen otherwise)."""
+    model = _small()
+    model.train()
+    model.features[1].eval()   # a user's frozen BN stays frozen
+    kw = {"importance": tp.importance.BNScaleImportance()} if cls is DecayBNScalePruner else {}
+    pruner = _pruner(model, cls=cls, **kw)
+    assert model.training and model.features[4].training
+    assert not model.features[1].training
+    base = _small()
+    base.train()
+    tp.pruner.MetaPruner(base, X[:1], importance=tp.importance.MagnitudeImportance(),
+                         ignored_layers=[base.fc])
+    assert not base.training   # what the restore is for (Torch-Pruning 1.6.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner.attach(opt)
+    pruner.step()
+    assert model.training and not model.features[1].training
+
+
 def test_factory_wraps_any_base_pruner():
     cls = decay_pruner(tp.pruner.GrowingRegPruner)
     assert cls is decay_pruner(tp.pruner.GrowingRegPruner)
