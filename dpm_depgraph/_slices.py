@@ -382,6 +382,13 @@ def remap_optimizer_param(optimizer, old: torch.Tensor, new: torch.Tensor,
     optimizer.state[new] = carried
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and elements, NaN equal to NaN (a diverged model's weights are removed
+    like any others; ``torch.equal`` would call them different)."""
+    return tuple(a.shape) == tuple(b.shape) and (
+        torch.equal(a, b) or torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+
+
 def apply_removal(DG, model: nn.Module, root_module, root_fn, channels: list[int],
                   optimizer=None, probe_cache: dict | None = None, skip=()) -> list:
     """Physically remove ``channels`` of the group rooted at ``root_module`` through
@@ -417,7 +424,7 @@ def apply_removal(DG, model: nn.Module, root_module, root_fn, channels: list[int
             keep = keep_mask.nonzero().squeeze(1)
             keeps.append((dim, keep))
             expect = expect.index_select(dim, keep.to(expect.device))
-        if new is old or tuple(new.shape) != tuple(expect.shape) or not torch.equal(new.detach(), expect):
+        if new is old or not _same_values(new.detach(), expect):
             raise RuntimeError(
                 f"internal error: Torch-Pruning removed other positions of {mod.__class__.__name__}."
                 f"{name} (shape {tuple(old.shape)} -> {tuple(new.shape)}) than the decay pruner "

@@ -278,6 +278,22 @@ def test_prune_group_keeps_optimizer_state_for_a_plain_torch_pruning_loop():
         prune_group(pruner.DG, "features.3")
 
 
+def test_removal_of_a_model_with_nan_weights_is_not_an_internal_error():
+    """A diverged model (NaN in kept weights) is pruned like any other: the check that
+    Torch-Pruning removed the expected positions treats NaN as equal to NaN."""
+    model = _small()
+    with torch.no_grad():
+        model.features[0].weight[:, 0, 0, 0] = float("nan")   # every output channel
+    pruner = tp.pruner.MetaPruner(model, X[:1], importance=tp.importance.RandomImportance(),
+                                  pruning_ratio=0.5, iterative_steps=1,
+                                  ignored_layers=[model.fc])
+    kept = model.features[0].weight.shape[0]
+    for group in pruner.step(interactive=True):
+        prune_group(pruner.DG, group)
+    assert model.features[0].weight.shape[0] < kept
+    assert torch.isnan(model.features[0].weight[:, 0, 0, 0]).all()
+
+
 # ------------------------------------------------------------------------------ sparse learning
 def test_group_norm_pruner_keeps_penalty_out_of_decaying_channels():
     model = _small()
