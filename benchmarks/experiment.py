@@ -470,4 +470,58 @@ def compare_table(records: List[dict]) -> tuple[str, dict]:
                  "confidence interval, minimum detectable difference (80% power), Δ FLOPs mean ± std; "
                  "a difference counts as like-for-like only when every seed's FLOPs are within 1 point:\n\n"
                  + "\n".join(diffs_lines))
+    pooled_lines, pooled = pooled_differences(summary)
+    if pooled:
+        summary["_pooled"] = pooled
+        text += ("\n\nPooled over settings (the question \"does DPM help\", across frameworks and "
+                 "criteria): per seed, the mean of that seed's paired differences over every "
+                 "setting where the difference is like-for-like and the seed ran; then the same "
+                 "t interval and MDD over seeds:\n\n" + "\n".join(pooled_lines))
     return text, summary
+
+
+def pooled_differences(summary: dict) -> tuple[List[str], dict]:
+    """Each paired difference pooled over the settings of one model and data set.
+
+    Per seed ``s``: ``D_s`` = the mean over settings of that seed's difference, using every
+    setting where the difference is like-for-like (FLOPs within 1 point for every seed) and
+    seed ``s`` ran; the seeds kept are those present in every such setting. Then
+    :func:`benchmarks.stats.paired_summary` over the ``D_s``. Averaging within a seed first
+    keeps the pairing: the runs of one seed share the dense checkpoint and the data order
+    across settings, so their differences are not independent samples. Needs at least two
+    settings and two common seeds. Returns the markdown rows and ``{"model/dataset/a-b": {...}}``.
+    """
+    from .stats import paired_summary, verdict
+
+    groups: Dict[tuple, List[tuple]] = {}
+    for key, entry in summary.items():
+        if key.startswith("_"):
+            continue
+        setting, model, dsname = key.split("/")
+        for a, b in PAIRS:
+            d = entry.get(f"{a}-{b}")
+            if d is None or not d["equal_flops"]:
+                continue
+            groups.setdefault((model, dsname, a, b), []).append(
+                (setting, dict(zip(d["seeds"], d["per_seed_top1"]))))
+    rows = ["| model | difference | settings | seeds | Δ top-1 (points) | 95% CI | MDD | reading |",
+            "|---|---|---|---|---|---|---|---|"]
+    out = {}
+    for (model, dsname, a, b), per_setting in sorted(
+            groups.items(), key=lambda kv: (kv[0][:2], PAIRS.index(kv[0][2:]))):
+        if len(per_setting) < 2:
+            continue
+        seeds = sorted(set.intersection(*(set(d) for _, d in per_setting)))
+        if len(seeds) < 2:
+            continue
+        pooled = [sum(d[s] for _, d in per_setting) / len(per_setting) for s in seeds]
+        st = paired_summary(pooled)
+        ci = "-" if st["n"] < 2 else f"[{st['ci_low']:+.2f}, {st['ci_high']:+.2f}]"
+        mdd = "-" if st["n"] < 2 else f"{st['mdd']:.2f}"
+        label = f"{METHOD_LABELS[a]} − {METHOD_LABELS[b]}"
+        names = sorted(name for name, _ in per_setting)
+        rows.append(f"| {model} | {label} | {len(names)} ({', '.join(names)}) | {len(seeds)} | "
+                    f"{st['mean']:+.2f} | {ci} | {mdd} | {verdict(st)} |")
+        out[f"{model}/{dsname}/{a}-{b}"] = {"settings": names, "seeds": seeds,
+                                             "per_seed_top1": pooled, "top1_paired": st}
+    return (rows if out else []), out

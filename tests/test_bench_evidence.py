@@ -138,6 +138,36 @@ def test_paired_summary():
     assert verdict(paired_summary([1.0])) == "too few seeds"
 
 
+def test_pooled_differences_average_each_seed_over_like_for_like_settings():
+    from benchmarks.experiment import compare_table
+
+    def rec(setting, method, seed, top1, flops=50.0):
+        return {"kind": "run", "setting": setting, "framework": setting, "model": "resnet20",
+                "dataset": "cifar10", "method": method, "seed": seed, "top1": top1,
+                "flops_pct": flops, "params_pct": 50.0, "wall_time_s": 1.0, "counters": {}}
+
+    records = []
+    # setting a: +SP - original = +1, 0, +2 (seeds 0-2); setting b: -1, 0 (seeds 0, 1)
+    for seed, d in enumerate([1.0, 0.0, 2.0]):
+        records += [rec("a", "original", seed, 80.0), rec("a", "sp", seed, 80.0 + d)]
+    for seed, d in enumerate([-1.0, 0.0]):
+        records += [rec("b", "original", seed, 70.0), rec("b", "sp", seed, 70.0 + d)]
+    # setting c's +SR ends at other FLOPs: left out of the pooled +SR difference
+    for seed in range(3):
+        records += [rec("c", "original", seed, 60.0), rec("c", "sr", seed, 65.0, flops=60.0),
+                    rec("a", "sr", seed, 80.5)]
+    text, summary = compare_table(records)
+    sp = summary["_pooled"]["resnet20/cifar10/sp-original"]
+    assert sp["settings"] == ["a", "b"] and sp["seeds"] == [0, 1]   # seed 2: only in a
+    assert sp["per_seed_top1"] == pytest.approx([0.0, 0.0])
+    assert sp["top1_paired"]["mean"] == pytest.approx(0.0)
+    assert "resnet20/cifar10/sr-original" not in summary["_pooled"]   # only a is like-for-like
+    assert "Pooled over settings" in text and "| resnet20 | +SP − original | 2 (a, b) | 2 |" in text
+    # a single setting: nothing pooled
+    _, alone = compare_table([r for r in records if r["setting"] == "a"])
+    assert "_pooled" not in alone
+
+
 def test_claim_lock_and_stale_lock(tmp_path):
     run = tmp_path / "r"
     assert _claim(run)
