@@ -21,13 +21,19 @@ removal replaces parameters by smaller ones and re-points that optimizer's
 
 from __future__ import annotations
 
+import os
 import warnings
 
+import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .pruner import DecayPrunerMixin
 
-__all__ = ["DecayPruningCallback"]
+__all__ = ["DecayPruningCallback", "STATE_FILE"]
+
+#: the file, in each Trainer checkpoint folder, that holds the pruner's state
+STATE_FILE = "dpm_pruner.pt"
 
 
 def _positive_int(name: str, value, minimum: int) -> int:
@@ -60,7 +66,15 @@ class DecayPruningCallback(TrainerCallback):
         finalize: call ``pruner.finalize(force=True)`` when training ends.
 
     After training, ``finalized`` holds what ``finalize`` returned and ``pruning_steps``
-    the global steps at which ``pruner.step()`` ran. Single-process training only: a
+    the global steps at which ``pruner.step()`` ran.
+
+    Checkpoints: every Trainer checkpoint (``save_strategy``) gets the pruner's state as
+    ``dpm_pruner.pt`` in its folder. A model pruned physically no longer fits the freshly
+    built one, so to resume, build the model, pruner and callback as in the first run and
+    call :meth:`restore` before ``trainer.train(resume_from_checkpoint=...)``::
+
+        callback.restore(checkpoint)   # replays the removals: the model has the saved shapes
+        trainer.train(resume_from_checkpoint=checkpoint) Single-process training only: a
     DistributedDataParallel wrapper does not follow replaced parameters (see
     ``dpm_core.distributed.rewrap_ddp`` for hand-written loops).
     """
@@ -110,6 +124,45 @@ class DecayPruningCallback(TrainerCallback):
             if self.regularize:
                 self.pruner.update_regularizer()
             self.pruning_steps.append(state.global_step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def restore(self, checkpoint_dir: str) -> None:
+        """Bring a freshly built model and pruner to the state saved in a Trainer checkpoint
+        folder (its ``dpm_pruner.pt``): the physical removals are replayed on the model,
+        the decay state, the schedule position and ``pruning_steps`` restored. Call it
+        before ``trainer.train(resume_from_checkpoint=checkpoint_dir)``, which then loads
+        the weights and the optimizer state into the pruned shapes."""
+        path = os.path.join(os.fspath(checkpoint_dir), STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"DecayPruningCallback.restore(): no {STATE_FILE} in {checkpoint_dir!s}; give "
+                f"a checkpoint folder (output_dir/checkpoint-N) written by a Trainer that had "
+                f"this callback")
+        if self.pruner.optimizer is not None:
+            raise RuntimeError("DecayPruningCallback.restore(): the pruner is attached to an "
+                               "optimizer already; restore into a freshly built model, pruner "
+                               "and callback, before trainer.train(resume_from_checkpoint=...)")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        # the pruner replays removals through an attached optimizer: a throwaway one here,
+        # the Trainer builds its own from the pruned model and loads its saved state
+        self.pruner.attach(torch.optim.SGD(self.pruner.model.parameters(), lr=0.0))
+        try:
+            self.pruner.load_state_dict(saved["pruner"])
+        finally:
+            self.pruner.detach()
+        self.pruning_steps = [int(s) for s in saved["pruning_steps"]]
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.pruner.optimizer is None or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):
+            warnings.warn(f"DecayPruningCallback: the Trainer's checkpoint folder {folder} was "
+                          f"not found, so the pruner's state was not saved with it",
+                          UserWarning, stacklevel=2)
+            return
+        torch.save({"pruner": self.pruner.state_dict(), "pruning_steps": list(self.pruning_steps)},
+                   os.path.join(folder, STATE_FILE))
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):

@@ -259,6 +259,21 @@ def c_hf_plain_pruner():
                                               ignored_layers=[m[8]]))
 
 
+def c_hf_restore_not_a_checkpoint():
+    pytest.importorskip("transformers")
+    import tempfile
+
+    import torch_pruning as tp
+    from dpm_depgraph import DecayMetaPruner
+    from dpm_depgraph.hf import DecayPruningCallback
+    m = _tiny_cnn()
+    pruner = DecayMetaPruner(m, torch.randn(1, 3, 8, 8),
+                             importance=tp.importance.MagnitudeImportance(),
+                             ignored_layers=[m[8]])
+    with tempfile.TemporaryDirectory() as d:
+        DecayPruningCallback(pruner).restore(d)
+
+
 def _oto():
     from dpm_otov2 import OTO
     return OTO(_tiny_cnn(), torch.randn(1, 3, 8, 8))
@@ -397,6 +412,10 @@ CASES = [
      c_attach_scheduler, TypeError, "attach() expects a torch.optim.Optimizer (or a wrapper"),
     ("hf-plain-pruner", "`DecayPruningCallback(tp.pruner.MetaPruner(...))`",
      c_hf_plain_pruner, TypeError, "DecayPruningCallback expects a decay pruner"),
+    ("hf-restore-no-state", "`callback.restore(folder)` on a folder without the pruner's "
+     "state", c_hf_restore_not_a_checkpoint, FileNotFoundError,
+     "give a checkpoint folder (output_dir/checkpoint-N) written by a Trainer that had this "
+     "callback"),
     ("oto-decay-int", "`oto.dhspg(..., decay=5)`", c_oto_decay_int, TypeError,
      "decay must be None, a dpm_core.DecayConfig or a DecayEngine"),
     ("oto-target-sparsity", "`oto.dhspg(target_group_sparsity=1.5)`", c_oto_target,

@@ -206,3 +206,51 @@ def test_callback_rejects_bad_arguments():
     with pytest.warns(UserWarning, match="training stops at 4"):
         callback.on_train_begin(args, short, control, model=model, optimizer=optimizer)
     assert pruner.optimizer is optimizer and callback.pruning_steps == [0]
+
+
+def _saving_args(tmp_path, max_steps):
+    args = _args(tmp_path, max_steps)
+    args.save_strategy = transformers.IntervalStrategy.STEPS
+    args.save_steps = 4
+    return args
+
+
+def test_trainer_checkpoint_of_a_pruned_model_resumes_exactly(tmp_path):
+    """A Trainer checkpoint taken after a physical removal resumes into a freshly built
+    model: restore() replays the removals, then the Trainer loads weights and optimizer."""
+    def run(out, resume=None):
+        model = _llama()
+        pruner = _pruner(model)
+        callback = DecayPruningCallback(pruner, prune_every=3)
+        trainer = transformers.Trainer(model=model, args=_saving_args(out, 8),
+                                       train_dataset=_data(), callbacks=[callback])
+        if resume is not None:
+            callback.restore(resume)
+            assert model.model.layers[0].mlp.gate_proj.out_features == INTER - 16
+        trainer.train(resume_from_checkpoint=resume)
+        return model, callback
+
+    full, cb_full = run(tmp_path / "full")
+    ckpt = tmp_path / "full" / "checkpoint-4"   # after the removal at step 3, mid-decay
+    assert (ckpt / "dpm_pruner.pt").is_file()
+    resumed, cb_resumed = run(tmp_path / "resumed", resume=str(ckpt))
+    assert cb_resumed.pruning_steps == cb_full.pruning_steps == [0, 3]
+    assert cb_resumed.finalized == cb_full.finalized
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert resumed.config.intermediate_size == full.config.intermediate_size == INTER // 2
+
+
+def test_restore_says_what_is_wrong(tmp_path):
+    model = _llama()
+    pruner = _pruner(model)
+    callback = DecayPruningCallback(pruner, prune_every=3)
+    with pytest.raises(FileNotFoundError, match="checkpoint-N"):
+        callback.restore(tmp_path)
+    (tmp_path / "dpm_pruner.pt").write_bytes(b"")
+    pruner.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="freshly built"):
+        callback.restore(tmp_path)
